@@ -1,0 +1,41 @@
+"""Between millimetres per day and the model's space (transformed, then standardised).
+
+``x = (T(y) - mean) / std`` with ``T = log1p`` (or the identity), fitted on the training
+split's valid cells. Everything that speaks of precipitation amounts (mass, intensities,
+metrics) converts back to mm/day first: a mean taken in log space biases mass low.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model.config import Normalization
+
+__all__ = ["Normalizer"]
+
+
+class Normalizer:
+    """The target transform and the training split's statistics, as used on any device."""
+
+    def __init__(self, stats: Normalization, transform: str) -> None:
+        if transform not in ("log1p", "none"):
+            raise ValueError(f"transform: expected 'log1p' or 'none', got {transform!r}")
+        self.stats = stats
+        self.transform = transform
+
+    def to_model(self, mm: torch.Tensor) -> torch.Tensor:
+        """mm/day to model space."""
+        t = torch.log1p(mm) if self.transform == "log1p" else mm
+        return (t - self.stats.target_mean) / self.stats.target_std
+
+    def to_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space to mm/day, clamped at zero (no negative rain)."""
+        t = x * self.stats.target_std + self.stats.target_mean
+        # The cap (about 22,000 mm/day) keeps an untrained decoder's outliers finite.
+        mm = torch.expm1(t.clamp(max=10.0)) if self.transform == "log1p" else t
+        return mm.clamp_min(0.0)
+
+    @property
+    def zero(self) -> float:
+        """Model-space value of 0 mm/day (a dry cell)."""
+        return -self.stats.target_mean / self.stats.target_std

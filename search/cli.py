@@ -1,0 +1,325 @@
+"""The ``cvae-search`` command line: train, sample, create, worker, status, export, report,
+demo, dashboard and proxy. The only layer that prints; everything else logs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from model.trainer import EpochReport
+
+__all__ = ["main"]
+
+_log = logging.getLogger("cvae-search")
+
+EXIT_USAGE = 2
+
+
+def _artifact_dir(value: str | None) -> str:
+    return value or os.environ.get("CVAE_SEARCH_ARTIFACTS", "cvae-search-artifacts")
+
+
+def _progress(report: EpochReport) -> str | None:
+    """One line per epoch: the progress display of ``train``."""
+    terms = "  ".join(f"{k} {v:.4g}" for k, v in report.losses.items())
+    print(
+        f"epoch {report.epoch:>3}/{report.epochs}  {terms}  {report.samples_per_s:,.0f} samples/s  "
+        f"{report.elapsed_s:,.0f}s",
+        file=sys.stderr,
+        flush=True,
+    )
+    return None
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from model.config import load_config, with_overrides
+    from model.trainer import train
+
+    cfg = load_config(args.config)
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set: expected KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    if overrides:
+        cfg = with_overrides(cfg, overrides, "--set")
+
+    result = train(cfg, out_dir=args.output, callbacks=[_progress])
+    width = max(len(k) for k in result.metrics)
+    for name, value in result.metrics.items():
+        print(f"{name:<{width}}  {value:.6g}")
+    print(f"\n{result.epochs_run} epochs on {result.device} ({result.precision}), "
+          f"{result.timings['samples_per_s']:,.0f} samples/s; outputs in {args.output}")  # fmt: skip
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from model.sampling import write_samples
+
+    out = write_samples(
+        args.checkpoint,
+        args.output,
+        n_samples=args.samples,
+        split=args.split,
+        temperature=args.temperature,
+        data_path=args.data,
+        seed=args.seed,
+        device=args.device,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_create(args: argparse.Namespace) -> int:
+    from search.definition import load_definition
+    from search.storage import open_storage, redact, resolve_storage_url
+    from search.study import create_study
+
+    definition = load_definition(args.study)  # validated fully before the database is touched
+    url = resolve_storage_url(args.storage)
+    study = create_study(definition, open_storage(url))
+    print(f"study {study.study_name} ready in {redact(url)}: budget {definition.n_trials} trials, "
+          f"{len(definition.baselines)} baselines, digest {definition.digest()}")  # fmt: skip
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from search.definition import load_definition
+    from search.worker import plan_processes, run_worker, run_workers
+
+    local = load_definition(args.study_file) if args.study_file else None
+    if args.child:
+        summary = run_worker(
+            args.study,
+            storage_url=args.storage,
+            artifact_dir=_artifact_dir(args.artifact_dir),
+            n_trials=args.n_trials,
+            worker_index=args.worker_index,
+            local=local,
+        )
+        return 0 if summary.stopped_by != "max_failures" else 1
+    plans = plan_processes(args.gpus, args.per_gpu, args.processes)
+    if local is not None:  # refuse before starting any process
+        from search.storage import open_storage
+        from search.study import load_study
+
+        load_study(args.study, open_storage(args.storage), local=local)
+    child_args = [args.study, "--artifact-dir", _artifact_dir(args.artifact_dir)]
+    if args.storage:
+        child_args += ["--storage", args.storage]
+    if args.n_trials is not None:
+        child_args += ["--n-trials", str(args.n_trials)]
+    if args.study_file:
+        child_args += ["--study-file", args.study_file]
+    devices = {p.env.get("CUDA_VISIBLE_DEVICES") or "cpu" for p in plans}
+    print(f"starting {len(plans)} worker process(es) on {', '.join(sorted(devices))}", file=sys.stderr)
+    return run_workers(plans, child_args, index_offset=args.worker_index)
+
+
+def _open(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
+    """The study named on the command line: (study, definition, storage, url)."""
+    from search.storage import open_storage, resolve_storage_url
+    from search.study import load_study
+
+    url = resolve_storage_url(args.storage)
+    storage = open_storage(url)
+    study, definition = load_study(args.study, storage)
+    return study, definition, storage, url
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from search.status import format_status, study_status
+
+    study, definition, storage, _ = _open(args)
+    print(format_status(study_status(study, definition, storage)))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from search.export import export_trial, pick_trial, verify_trial
+
+    study, definition, _, url = _open(args)
+    if args.trial is not None:
+        matches = [t for t in study.get_trials(deepcopy=False) if t.number == args.trial]
+        if not matches:
+            raise ValueError(f"--trial: study {study.study_name} has no trial {args.trial}")
+        trial, rule = matches[0], f"trial {args.trial}"
+    else:
+        trial, rule = pick_trial(study, definition, args.pick), args.pick
+    verify = None
+    if args.verify:
+        seed = definition.config_for(trial.params, trial.user_attrs.get("baseline")).train.seed
+        verify = verify_trial(definition, trial, [seed + 1 + i for i in range(args.verify)])
+    out = export_trial(study, definition, trial, Path(args.output), storage_url=url, rule=rule, verify=verify)
+    print(f"exported trial {trial.number} ({rule}) to {out}; train it with: cvae-search train {out} -o run/")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from search.report import write_report
+
+    study, definition, _, _ = _open(args)
+    files = write_report(study, definition, Path(args.output))
+    for name, path in files.items():
+        print(f"{name:<14} {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from search.demo import run_demo
+
+    return run_demo(Path(args.output), workers=args.workers)
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from search.storage import redact, resolve_storage_url
+
+    url = resolve_storage_url(args.storage)
+    cmd = ["optuna-dashboard", url, "--host", args.host, "--port", str(args.port),
+           "--artifact-dir", _artifact_dir(args.artifact_dir)]  # fmt: skip
+    print(f"optuna-dashboard on http://{args.host}:{args.port} for {redact(url)}", file=sys.stderr)
+    os.execvp(cmd[0], cmd)
+
+
+def _cmd_proxy(args: argparse.Namespace) -> int:
+    from search.proxy import serve_proxy
+
+    serve_proxy(args.storage, host=args.host, port=args.port)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cvae-search", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    def storage(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--storage", help="storage URL (default: $OPTUNA_STORAGE, else sqlite:///cvae-search.db)"
+        )
+
+    sp = command("train", _cmd_train, "train one config (e.g. an exported trial)")
+    sp.add_argument("config", help="training config YAML")
+    sp.add_argument("-o", "--output", default="run", help="output folder (default: run)")
+    sp.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. train.epochs=5"
+    )
+
+    sp = command("sample", _cmd_sample, "write K generated fields per coarse input as NetCDF")
+    sp.add_argument("checkpoint")
+    sp.add_argument("-o", "--output", required=True, help="NetCDF file to write")
+    sp.add_argument("-k", "--samples", type=int, default=8, help="samples per coarse input (default 8)")
+    sp.add_argument("--split", choices=["train", "val", "test", "all"], default="all")
+    sp.add_argument("--temperature", type=float, default=1.0)
+    sp.add_argument("--data", help="read coarse inputs from this file instead of the configured one")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+    sp = command("create", _cmd_create, "create (or reuse) a study from its definition and enqueue baselines")
+    sp.add_argument("study", help="study definition YAML (studies/*.yaml)")
+    storage(sp)
+
+    sp = command("worker", _cmd_worker, "pull and run trials until the study's budget is finished")
+    sp.add_argument("study", help="study name")
+    storage(sp)
+    sp.add_argument("--n-trials", type=int, help="stop each process after this many trials")
+    sp.add_argument("--gpus", default="auto", help="auto (default), all, none, or a list like 0,1")
+    sp.add_argument("--per-gpu", type=int, default=int(os.environ.get("CVAE_SEARCH_PER_GPU", "1")),
+                    help="worker processes per GPU (default 1, or $CVAE_SEARCH_PER_GPU)")  # fmt: skip
+    sp.add_argument("--processes", type=int, default=1, help="worker processes when on the CPU (default 1)")
+    sp.add_argument("--study-file", help="refuse to run if this definition differs from the stored one")
+    sp.add_argument(
+        "--artifact-dir", help="artifact folder (default: $CVAE_SEARCH_ARTIFACTS or ./cvae-search-artifacts)"
+    )
+    sp.add_argument("--worker-index", type=int, default=0, help="offset of this worker's sampler seed")
+    sp.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+
+    for name, fn, text in (
+        ("status", _cmd_status, "counts by state, the front so far, workers' heartbeats"),
+    ):
+        sp = command(name, fn, text)
+        sp.add_argument("study")
+        storage(sp)
+
+    sp = command("export", _cmd_export, "export a trial as a training config with its provenance")
+    sp.add_argument("study")
+    storage(sp)
+    group = sp.add_mutually_exclusive_group()
+    group.add_argument("--trial", type=int, help="export this trial number")
+    group.add_argument("--pick", default="knee",
+                       help="rule over the feasible Pareto front: knee (default), max:METRIC, min:METRIC, "
+                            "max:METRIC@OTHER<=BOUND")  # fmt: skip
+    sp.add_argument("-o", "--output", required=True, help="YAML file to write")
+    sp.add_argument("--verify", type=int, default=0, metavar="N", help="retrain with N other seeds first")
+
+    sp = command("report", _cmd_report, "Pareto front, hypervolume history, importances and a CSV of trials")
+    sp.add_argument("study")
+    storage(sp)
+    sp.add_argument("-o", "--output", required=True, help="report folder")
+
+    sp = command("demo", _cmd_demo, "a small study end to end on the synthetic set and an embedded storage")
+    sp.add_argument(
+        "-o", "--output", default="cvae-search-demo", help="demo folder (default: cvae-search-demo)"
+    )
+    sp.add_argument("--workers", type=int, default=2, help="parallel worker processes (default 2)")
+
+    sp = command("dashboard", _cmd_dashboard, "optuna-dashboard on the study storage, with its artifacts")
+    storage(sp)
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8080)
+    sp.add_argument("--artifact-dir")
+
+    sp = command(
+        "proxy", _cmd_proxy, "Optuna's gRPC storage proxy in front of the database, for many workers"
+    )
+    storage(sp)
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=13000)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from model.config import ConfigError
+    from model.data import DataError
+    from search.export import NoFeasibleTrial
+    from search.study import DefinitionMismatch, StudyNotFound
+
+    expected = (
+        ConfigError,
+        DataError,
+        DefinitionMismatch,
+        StudyNotFound,
+        NoFeasibleTrial,
+        ConnectionError,
+        FileNotFoundError,
+        ValueError,
+    )
+    try:
+        return args.fn(args)
+    except expected as e:
+        print(f"cvae-search {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""Study definitions: a base training config plus a search space, objectives and rules.
+
+A study file (``studies/*.yaml``) is parsed once into :class:`StudyDefinition`; every
+error names the file, the field and what was expected, before anything touches a
+database. The definition is stored in the study when it is created (as plain data with
+its digest) so every worker trains exactly the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+import yaml
+
+from model.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    get_field,
+    load_config,
+    parse_dataclass,
+    with_overrides,
+)
+from model.metrics import METRICS
+from search.samplers import SAMPLER_BUILDERS, make_sampler
+
+__all__ = [
+    "Baseline",
+    "Collapse",
+    "Constraint",
+    "Objective",
+    "Param",
+    "SamplerSpec",
+    "StudyDefinition",
+    "load_definition",
+]
+
+
+@dataclass
+class Param:
+    """One searched config field, named by its dotted path (``loss.beta_kl``)."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+
+@dataclass
+class Objective:
+    metric: str
+    direction: Literal["maximize", "minimize"] | None = None
+    """Defaults to the metric's natural direction in the registry."""
+
+
+@dataclass
+class Constraint:
+    """``min <= value <= max`` (of ``|value|`` when ``abs``); each bound is one Optuna constraint."""
+
+    metric: str
+    min: float | None = None
+    max: float | None = None
+    abs: bool = False
+
+
+@dataclass
+class Collapse:
+    """Collapse-aware early stopping: a healthy model exceeds both floors after the warm-up."""
+
+    after_epoch: int = 2
+    min_spread_norm: float = 0.05
+    min_z_usage: float = 0.02
+
+
+@dataclass
+class SamplerSpec:
+    name: str = "tpe"
+    seed: int | None = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Baseline:
+    name: str
+    config: str
+    """Path of a training config, relative to the study file."""
+
+
+@dataclass
+class _StudyFile:
+    """The YAML schema as written; resolved into :class:`StudyDefinition`."""
+
+    name: str
+    base: str
+    description: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    space: dict[str, Param] = field(default_factory=dict)
+    objectives: list[Objective] = field(
+        default_factory=lambda: [Objective("diversity", "maximize"), Objective("ks_stat", "minimize")]
+    )
+    constraints: list[Constraint] = field(
+        default_factory=lambda: [
+            Constraint("mass_bias", max=0.15, abs=True),
+            Constraint("spatial_correlation", min=0.5, max=0.6),
+        ]
+    )
+    reference_point: list[float] | None = None
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    n_trials: int = 20
+    max_retries: int = 2
+    max_failures: int | None = None
+    collapse: Collapse | None = field(default_factory=Collapse)
+    baselines: list[Baseline] = field(default_factory=list)
+    save_checkpoints: bool = False
+
+
+@dataclass
+class StudyDefinition:
+    """A resolved study: every config is a full, validated :class:`Config`."""
+
+    name: str
+    description: str
+    base: Config
+    space: dict[str, Param]
+    objectives: list[Objective]
+    constraints: list[Constraint]
+    reference_point: list[float]
+    sampler: SamplerSpec
+    n_trials: int
+    max_retries: int
+    max_failures: int
+    collapse: Collapse | None
+    baselines: dict[str, Config]
+    save_checkpoints: bool
+    source: str = "<definition>"
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction or "minimize" for o in self.objectives]
+
+    @property
+    def metric_names(self) -> list[str]:
+        return [o.metric for o in self.objectives]
+
+    def make_sampler(self, worker_index: int = 0) -> optuna.samplers.BaseSampler:
+        return make_sampler(self.sampler.name, self.sampler.seed, self.sampler.options, worker_index)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, as stored in the study; :meth:`from_dict` gives an equal definition."""
+        data = {
+            "name": self.name,
+            "description": self.description,
+            "base": config_to_dict(self.base),
+            "space": {k: asdict(v) for k, v in self.space.items()},
+            "objectives": [asdict(o) for o in self.objectives],
+            "constraints": [asdict(c) for c in self.constraints],
+            "reference_point": list(self.reference_point),
+            "sampler": asdict(self.sampler),
+            "n_trials": self.n_trials,
+            "max_retries": self.max_retries,
+            "max_failures": self.max_failures,
+            "collapse": None if self.collapse is None else asdict(self.collapse),
+            "baselines": {k: config_to_dict(v) for k, v in self.baselines.items()},
+            "save_checkpoints": self.save_checkpoints,
+        }
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<stored definition>") -> StudyDefinition:
+        return cls(
+            name=data["name"],
+            description=data["description"],
+            base=config_from_dict(data["base"], f"{source}: base"),
+            space={k: Param(**v) for k, v in data["space"].items()},
+            objectives=[Objective(**o) for o in data["objectives"]],
+            constraints=[Constraint(**c) for c in data["constraints"]],
+            reference_point=list(data["reference_point"]),
+            sampler=SamplerSpec(**data["sampler"]),
+            n_trials=data["n_trials"],
+            max_retries=data["max_retries"],
+            max_failures=data["max_failures"],
+            collapse=None if data["collapse"] is None else Collapse(**data["collapse"]),
+            baselines={
+                k: config_from_dict(v, f"{source}: baseline {k}") for k, v in data["baselines"].items()
+            },
+            save_checkpoints=data["save_checkpoints"],
+            source=source,
+        )
+
+    def digest(self) -> str:
+        """A stable hash of everything that decides how trials train and are judged."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def config_for(self, params: Mapping[str, Any], baseline: str | None = None) -> Config:
+        """The training config of a trial: the base (or a baseline) with ``params`` applied."""
+        if baseline is not None and baseline not in self.baselines:
+            raise KeyError(f"unknown baseline {baseline!r} (study has {sorted(self.baselines)})")
+        start = self.baselines[baseline] if baseline is not None else self.base
+        return with_overrides(start, dict(params), f"{self.name}: trial parameters")
+
+    def baseline_params(self, name: str) -> dict[str, Any]:
+        """A baseline's values at the searched paths, for enqueueing it as a trial."""
+        cfg = self.baselines[name]
+        return {path: get_field(cfg, path) for path in self.space}
+
+
+def _fail(source: str, path: str, expected: str, got: Any) -> ConfigError:
+    return ConfigError(f"{source}: {path}: expected {expected}, got {got!r}")
+
+
+def _check_param(source: str, path: str, p: Param, base: Config) -> None:
+    where = f"space.{path}"
+    try:
+        get_field(base, path)
+    except KeyError:
+        raise ConfigError(f"{source}: {where}: not a field of the training config") from None
+    if p.type == "categorical":
+        if not p.choices:
+            raise _fail(source, f"{where}.choices", "a non-empty list", p.choices)
+        values = list(p.choices)
+    else:
+        if p.low is None or p.high is None or not p.low <= p.high:
+            raise _fail(source, where, "numbers low <= high", (p.low, p.high))
+        if p.log and p.low <= 0:
+            raise _fail(source, f"{where}.low", "a positive number with log: true", p.low)
+        if p.log and p.step is not None:
+            raise _fail(source, f"{where}.step", "no step with log: true", p.step)
+        if p.type == "int" and (p.low != int(p.low) or p.high != int(p.high)):
+            raise _fail(source, where, "integer bounds for type int", (p.low, p.high))
+        values = [int(p.low), int(p.high)] if p.type == "int" else [p.low, p.high]
+    for value in values:
+        try:
+            with_overrides(base, {path: value}, source)
+        except ConfigError as e:
+            detail = str(e).split(": ", 2)[-1]
+            raise ConfigError(
+                f"{source}: {where}: value {value!r} is not valid for the config ({detail})"
+            ) from None
+
+
+def _within(p: Param, value: Any) -> bool:
+    if p.type == "categorical":
+        return value in (p.choices or [])
+    assert p.low is not None and p.high is not None
+    return isinstance(value, (int, float)) and p.low <= value <= p.high
+
+
+def _resolve_config(study_file: Path, ref: str, field_name: str) -> Config:
+    path = (study_file.parent / ref).resolve()
+    if not path.exists():
+        raise ConfigError(f"{study_file}: {field_name}: no such config file {ref!r} (looked at {path})")
+    return load_config(path)
+
+
+def load_definition(path: str | Path) -> StudyDefinition:
+    """Parse and fully validate a study file."""
+    path = Path(path)
+    source = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: no such study file") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    spec = parse_dataclass(_StudyFile, raw if raw is not None else {}, source)
+
+    base = with_overrides(_resolve_config(path, spec.base, "base"), spec.overrides, f"{source}: overrides")
+    for name, param in spec.space.items():
+        _check_param(source, name, param, base)
+
+    if not spec.objectives:
+        raise _fail(source, "objectives", "at least one objective", spec.objectives)
+    objectives = []
+    for i, o in enumerate(spec.objectives):
+        metric = METRICS.get(o.metric)
+        if metric is None:
+            raise _fail(source, f"objectives[{i}].metric", f"a metric name ({', '.join(METRICS)})", o.metric)
+        direction = o.direction or metric.direction
+        if direction is None:
+            raise _fail(
+                source, f"objectives[{i}].direction", "maximize or minimize (the metric has none)", None
+            )
+        objectives.append(Objective(o.metric, direction))
+    for i, c in enumerate(spec.constraints):
+        if c.metric not in METRICS:
+            raise _fail(source, f"constraints[{i}].metric", f"a metric name ({', '.join(METRICS)})", c.metric)
+        if c.min is None and c.max is None:
+            raise _fail(source, f"constraints[{i}]", "a min or a max", asdict(c))
+        if c.min is not None and c.max is not None and c.min > c.max:
+            raise _fail(source, f"constraints[{i}].min", f"a value <= max ({c.max})", c.min)
+
+    reference = spec.reference_point
+    if reference is None:
+        reference = [0.0 if o.direction == "maximize" else 1.0 for o in objectives]
+    if len(reference) != len(objectives) or not all(math.isfinite(x) for x in reference):
+        raise _fail(
+            source, "reference_point", f"{len(objectives)} finite numbers (one per objective)", reference
+        )
+
+    if spec.sampler.name not in SAMPLER_BUILDERS:
+        raise _fail(source, "sampler.name", f"one of {', '.join(SAMPLER_BUILDERS)}", spec.sampler.name)
+    try:
+        make_sampler(spec.sampler.name, spec.sampler.seed, spec.sampler.options)
+    except ValueError as e:
+        raise ConfigError(f"{source}: sampler.options: {e}") from None
+    if spec.n_trials < 1:
+        raise _fail(source, "n_trials", "a positive integer", spec.n_trials)
+    if spec.max_retries < 0:
+        raise _fail(source, "max_retries", "a non-negative integer", spec.max_retries)
+    if len(spec.baselines) > spec.n_trials:
+        raise _fail(source, "baselines", f"at most n_trials ({spec.n_trials}) baselines", len(spec.baselines))
+    if spec.collapse is not None and spec.collapse.after_epoch < 1:
+        raise _fail(source, "collapse.after_epoch", "an epoch >= 1", spec.collapse.after_epoch)
+
+    baselines: dict[str, Config] = {}
+    for i, b in enumerate(spec.baselines):
+        if b.name in baselines:
+            raise _fail(source, f"baselines[{i}].name", "a unique name", b.name)
+        cfg = with_overrides(
+            _resolve_config(path, b.config, f"baselines[{i}].config"), spec.overrides, f"{source}: overrides"
+        )
+        for name, param in spec.space.items():
+            value = get_field(cfg, name)
+            if not _within(param, value):
+                raise ConfigError(
+                    f"{source}: baselines[{i}] ({b.name}): {name}={value!r} lies outside space.{name}; "
+                    "widen the space so the baseline can be enqueued as a trial"
+                )
+        baselines[b.name] = cfg
+
+    return StudyDefinition(
+        name=spec.name,
+        description=spec.description,
+        base=base,
+        space=dict(spec.space),
+        objectives=objectives,
+        constraints=list(spec.constraints),
+        reference_point=[float(x) for x in reference],
+        sampler=spec.sampler,
+        n_trials=spec.n_trials,
+        max_retries=spec.max_retries,
+        max_failures=spec.max_failures if spec.max_failures is not None else spec.n_trials,
+        collapse=spec.collapse,
+        baselines=baselines,
+        save_checkpoints=spec.save_checkpoints,
+        source=source,
+    )

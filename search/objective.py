@@ -1,0 +1,208 @@
+"""The objective: trial -> config -> train -> metrics -> objective values.
+
+Collapse-aware early stopping lives here too. Optuna's pruners do not support
+multi-objective studies, and a PRUNED trial teaches a multi-objective sampler nothing, so a
+collapsed trial is stopped early, evaluated, and COMPLETED with its measured values and the
+``collapse`` constraint violated: the sampler learns where collapse lies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import socket
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+from model.config import Config, ConfigError, config_to_dict
+from model.data import Dataset, load_data
+from model.trainer import EpochReport, TrainingDiverged, TrainResult, train
+from search.definition import Collapse, Param, StudyDefinition
+from search.study import BASELINE_ATTR
+
+__all__ = ["CollapseWatcher", "TrialFailed", "TrialObjective", "constraint_values", "suggest"]
+
+_log = logging.getLogger(__name__)
+
+COLLAPSE_CONSTRAINT = "collapse"
+
+
+class TrialFailed(Exception):
+    """The trial cannot produce values; ``retry`` says whether the same parameters may work."""
+
+    def __init__(self, reason: str, *, retry: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry = retry
+
+
+def suggest(trial: optuna.Trial, name: str, p: Param) -> Any:
+    """Ask the trial for one searched field."""
+    if p.type == "categorical":
+        assert p.choices is not None
+        return trial.suggest_categorical(name, p.choices)
+    assert p.low is not None and p.high is not None
+    if p.type == "int":
+        return trial.suggest_int(name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+    return trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
+
+
+class CollapseWatcher:
+    """Stops training once, after the warm-up, the samples show posterior collapse.
+
+    Judged by the samples' spread and the decoder's use of z, not by the KL or active units,
+    which free bits hold up artificially.
+    """
+
+    def __init__(self, rule: Collapse) -> None:
+        self.rule = rule
+
+    def __call__(self, report: EpochReport) -> str | None:
+        if report.epoch < self.rule.after_epoch:
+            return None
+        probe = report.probe()
+        low = [
+            f"{name}={probe[name]:.4g} < {floor:g}"
+            for name, floor in (
+                ("spread_norm", self.rule.min_spread_norm),
+                ("z_usage", self.rule.min_z_usage),
+            )
+            if not probe[name] >= floor
+        ]
+        return f"collapsed at epoch {report.epoch}: " + ", ".join(low) if low else None
+
+
+def constraint_values(
+    definition: StudyDefinition, metrics: Mapping[str, float], stopped: str | None
+) -> dict[str, float]:
+    """Optuna constraint values (feasible when <= 0), one per bound, plus ``collapse``."""
+    out: dict[str, float] = {}
+    for c in definition.constraints:
+        v = metrics.get(c.metric, math.nan)
+        v = abs(v) if c.abs else v
+        label = f"|{c.metric}|" if c.abs else c.metric
+        # A metric that could not be computed violates its constraint, never satisfies it.
+        if c.min is not None:
+            out[f"{label}>={c.min:g}"] = c.min - v if math.isfinite(v) else 1e6
+        if c.max is not None:
+            out[f"{label}<={c.max:g}"] = v - c.max if math.isfinite(v) else 1e6
+    if definition.collapse is not None:
+        rule = definition.collapse
+        graded = sum(
+            max(0.0, 1.0 - metrics.get(name, 0.0) / floor) if floor > 0 else 0.0
+            for name, floor in (("spread_norm", rule.min_spread_norm), ("z_usage", rule.min_z_usage))
+        )
+        out[COLLAPSE_CONSTRAINT] = graded + (1.0 if stopped and stopped.startswith("collapsed") else 0.0)
+    return out
+
+
+class TrialObjective:
+    """Runs one trial end to end; a worker keeps one for all its trials (data stay cached)."""
+
+    def __init__(
+        self,
+        definition: StudyDefinition,
+        *,
+        artifact_dir: str | Path,
+        interruptible: Callable[[bool], None] = lambda _: None,
+        extra_callbacks: tuple[Callable[[EpochReport], str | None], ...] = (),
+    ) -> None:
+        self.definition = definition
+        self.artifact_store = FileSystemArtifactStore(str(artifact_dir))
+        Path(artifact_dir).mkdir(parents=True, exist_ok=True)
+        self._interruptible = interruptible
+        self._extra_callbacks = extra_callbacks
+        self._data_key: str | None = None
+        self._data: Dataset | None = None
+
+    def __call__(self, trial: optuna.Trial) -> list[float]:
+        params = {name: suggest(trial, name, p) for name, p in self.definition.space.items()}
+        baseline = trial.user_attrs.get(BASELINE_ATTR)
+        try:
+            cfg = self.definition.config_for(params, baseline)
+        except ConfigError as e:
+            raise TrialFailed(f"invalid config: {e}", retry=False) from e
+        callbacks = list(self._extra_callbacks)
+        if self.definition.collapse is not None:
+            callbacks.append(CollapseWatcher(self.definition.collapse))
+        with tempfile.TemporaryDirectory(prefix=f"trial-{trial.number}-") as tmp:
+            self._interruptible(True)
+            try:
+                result = train(cfg, out_dir=tmp, callbacks=callbacks, data=self._dataset(cfg))
+            except TrainingDiverged as e:
+                raise TrialFailed(f"diverged: {e}", retry=False) from e
+            finally:
+                self._interruptible(False)
+            constraints = constraint_values(self.definition, result.metrics, result.stopped)
+            for key, value in constraints.items():
+                trial.set_constraint(key, value)
+            self._record(trial, result)
+            self._upload(trial, Path(tmp))
+        values = [result.metrics.get(o.metric, math.nan) for o in self.definition.objectives]
+        bad = [
+            o.metric for o, v in zip(self.definition.objectives, values, strict=True) if not math.isfinite(v)
+        ]
+        if bad:
+            raise TrialFailed(f"objective metric(s) not finite: {', '.join(bad)}", retry=False)
+        return values
+
+    def _dataset(self, cfg: Config) -> Dataset:
+        key = json.dumps(
+            [config_to_dict(cfg)["data"], cfg.normalization and asdict(cfg.normalization)], sort_keys=True
+        )
+        if key != self._data_key:
+            self._data, self._data_key = load_data(cfg.data, cfg.normalization), key
+        assert self._data is not None
+        return self._data
+
+    @staticmethod
+    def _record(trial: optuna.Trial, result: TrainResult) -> None:
+        # Grouped attributes: one storage write each, so recording stays a small share of a trial.
+        losses = result.history[-1] if result.history else {}
+        attrs: dict[str, Any] = {
+            "metrics": result.metrics,
+            "losses": {k: v for k, v in losses.items() if k not in ("epoch", "samples_per_s")},
+            "timings": {**result.timings, "epochs_run": result.epochs_run},
+            "runtime": {
+                "device": result.device,
+                "precision": result.precision,
+                "host": socket.gethostname(),
+                "platform": platform.platform(terse=True),
+                "versions": result.versions,
+            },
+            "stopped": result.stopped,
+            "history": result.history,
+            "normalization": asdict(result.config.normalization) if result.config.normalization else None,
+        }
+        if "fail_reason" in trial.user_attrs:  # inherited from the failed attempt this retries
+            attrs["fail_reason"] = None
+        for key, value in attrs.items():
+            trial.set_user_attr(key, _finite(value))
+
+    def _upload(self, trial: optuna.Trial, out: Path) -> None:
+        names = ["samples.png", "metrics.json", "config.yaml"]
+        if self.definition.save_checkpoints:
+            names.append("checkpoint.pt")
+        for name in names:
+            path = out / name
+            if path.exists():
+                upload_artifact(artifact_store=self.artifact_store, file_path=str(path), study_or_trial=trial)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity; Optuna stores attributes as JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,130 @@
+"""Creating a study from its definition, and loading it back with the stored definition.
+
+Creating and running are separate steps: ``create`` writes the definition into the study
+and enqueues the baselines once; workers only load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import optuna
+from optuna.storages import BaseStorage
+
+from search.definition import StudyDefinition
+from search.storage import BUDGET_ATTR, MAX_RETRIES_ATTR
+
+__all__ = [
+    "DEFINITION_ATTR",
+    "DIGEST_ATTR",
+    "DefinitionMismatch",
+    "StudyNotFound",
+    "create_study",
+    "load_study",
+    "stored_definition",
+]
+
+_log = logging.getLogger(__name__)
+
+DEFINITION_ATTR = "cvae_search:definition"
+DIGEST_ATTR = "cvae_search:digest"
+BASELINE_ATTR = "baseline"
+
+
+class DefinitionMismatch(RuntimeError):
+    """A local study file differs from the definition stored in the study."""
+
+
+class StudyNotFound(LookupError):
+    """No study of that name, or one not created by cvae-search."""
+
+
+def stored_definition(storage: BaseStorage, name: str, *, wait_s: float = 10.0) -> StudyDefinition:
+    """The definition stored in study ``name``.
+
+    ``create`` writes the definition just after creating the study, so a worker that starts
+    in between waits up to ``wait_s`` for it.
+    """
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError as e:
+        raise StudyNotFound(f"no study named {name!r} in this storage; run `cvae-search create` first") from e
+    deadline = time.monotonic() + wait_s
+    while True:
+        attrs = storage.get_study_system_attrs(study_id)
+        if DEFINITION_ATTR in attrs:
+            return StudyDefinition.from_dict(json.loads(attrs[DEFINITION_ATTR]), f"study {name}")
+        if time.monotonic() > deadline:
+            raise StudyNotFound(
+                f"study {name!r} holds no cvae-search definition; was it created by `cvae-search create`?"
+            )
+        time.sleep(0.5)
+
+
+def _check_same(local: StudyDefinition, stored: StudyDefinition) -> None:
+    if local.digest() != stored.digest():
+        raise DefinitionMismatch(
+            f"{local.source}: differs from the definition stored in study {stored.name!r} "
+            f"(digest {local.digest()} != {stored.digest()}); every worker must train the same way: "
+            "use the stored one (omit the file) or create a study under a new name"
+        )
+
+
+def create_study(definition: StudyDefinition, storage: BaseStorage) -> optuna.Study:
+    """Create study ``definition.name`` (or reuse an identical one) and enqueue its baselines."""
+    try:
+        existing = stored_definition(storage, definition.name, wait_s=5.0)
+    except StudyNotFound:
+        existing = None
+    if existing is not None:
+        _check_same(definition, existing)
+        _log.info("study %s exists with the same definition; reusing it", definition.name)
+        return optuna.load_study(study_name=definition.name, storage=storage)
+
+    study = optuna.create_study(
+        study_name=definition.name,
+        storage=storage,
+        directions=definition.directions,
+        load_if_exists=True,
+    )
+    study.set_metric_names(definition.metric_names)
+    sid = study._study_id
+    # The definition goes in last but one: stored_definition() waits for it, and the budget
+    # must be in place before anyone can see a complete study.
+    storage.set_study_system_attr(sid, BUDGET_ATTR, definition.n_trials)
+    storage.set_study_system_attr(sid, MAX_RETRIES_ATTR, definition.max_retries)
+    storage.set_study_system_attr(sid, DIGEST_ATTR, definition.digest())
+    storage.set_study_system_attr(sid, DEFINITION_ATTR, json.dumps(definition.to_dict()))
+    for name in definition.baselines:
+        study.enqueue_trial(definition.baseline_params(name), user_attrs={BASELINE_ATTR: name})
+    _log.info(
+        "created study %s: %d trials, %d baselines enqueued",
+        definition.name,
+        definition.n_trials,
+        len(definition.baselines),
+    )
+    return study
+
+
+def load_study(
+    name: str,
+    storage: BaseStorage,
+    *,
+    local: StudyDefinition | None = None,
+    worker_index: int = 0,
+) -> tuple[optuna.Study, StudyDefinition]:
+    """Load study ``name`` with the sampler its stored definition names.
+
+    Args:
+        name: Study name.
+        storage: An opened storage.
+        local: A definition read from a local file; refused if it differs from the stored one.
+        worker_index: Offsets the sampler seed (see :func:`search.samplers.make_sampler`).
+    """
+    definition = stored_definition(storage, name)
+    if local is not None:
+        _check_same(local, definition)
+    study = optuna.load_study(study_name=name, storage=storage, sampler=definition.make_sampler(worker_index))
+    return study, definition

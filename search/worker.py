@@ -1,0 +1,312 @@
+"""Workers: processes that pull trials from a study until its budget is finished.
+
+A worker loop asks for a trial, trains it under a heartbeat, and tells the outcome. It
+uses ask/tell rather than ``study.optimize``, so it runs Optuna's liveness machinery itself:
+a heartbeat thread while a trial runs, and :func:`optuna.storages.fail_stale_trials` (which
+fails dead workers' trials and re-enqueues them) before every ask.
+
+``run_workers`` starts one such process per GPU (``CUDA_VISIBLE_DEVICES`` set for each, K
+per GPU when asked) or N on the CPU, and forwards SIGTERM / Ctrl-C to them. A worker that
+is stopped that way fails its running trial with the reason and re-enqueues it, so no trial
+is left RUNNING; one killed outright is failed by the heartbeat of those that remain.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import optuna
+from optuna.storages import BaseStorage
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.trial import TrialState
+
+from search.definition import StudyDefinition
+from search.objective import TrialFailed, TrialObjective
+from search.storage import HEARTBEAT_ATTR, BudgetExhausted, StorageSettings, StudyRetry, open_storage
+from search.study import load_study
+
+__all__ = ["WorkerInterrupted", "WorkerSummary", "plan_processes", "run_worker", "run_workers"]
+
+_log = logging.getLogger(__name__)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class WorkerInterrupted(BaseException):
+    """SIGTERM or SIGINT arrived while a trial was training (a BaseException, like
+    KeyboardInterrupt, so no ``except Exception`` in training code swallows it)."""
+
+
+@dataclass
+class WorkerSummary:
+    completed: int = 0
+    failed: int = 0
+    stopped_by: str | None = None
+
+
+class _Signals:
+    """SIGTERM or SIGINT interrupts training at once; anywhere else (a storage write, say)
+    it stops the loop after the current step, so no write is cut in half."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.name: str | None = None
+        self.training = False
+
+    def install(self) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._on_signal)
+
+    def set_training(self, training: bool) -> None:
+        self.training = training
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.name = signal.Signals(signum).name
+        self.stop.set()
+        if self.training:
+            self.training = False
+            raise WorkerInterrupted(self.name)
+
+
+@contextmanager
+def _heartbeat(storage: BaseStorage, trial_id: int, interval: float) -> Iterator[None]:
+    """Beat for ``trial_id`` every ``interval`` seconds until the block ends."""
+    done = threading.Event()
+
+    def beat() -> None:
+        if isinstance(storage, BaseHeartbeat):
+            storage.record_heartbeat(trial_id)
+        else:  # behind the gRPC proxy, which relays this attribute as a heartbeat
+            storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+
+    def loop() -> None:
+        while not done.wait(interval):
+            try:
+                beat()
+            except Exception as e:  # the database may be restarting; the next beat retries
+                _log.warning("heartbeat for trial %d failed: %s", trial_id, e)
+
+    beat()
+    thread = threading.Thread(target=loop, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def _reap(study: optuna.Study) -> None:
+    """Fail trials whose workers stopped beating, re-enqueueing them (Optuna's own routine)."""
+    if isinstance(study._storage, BaseHeartbeat):
+        optuna.storages.fail_stale_trials(study)
+
+
+def _counts(study: optuna.Study) -> dict[TrialState, int]:
+    counts = dict.fromkeys(TrialState, 0)
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state] += 1
+    return counts
+
+
+def _is_budget_exhausted(e: BaseException) -> bool:
+    # Behind the gRPC proxy the storage's exception arrives as an RPC error carrying its text.
+    return isinstance(e, BudgetExhausted) or "BudgetExhausted" in str(e)
+
+
+def _fail(study: optuna.Study, trial: optuna.Trial, reason: str, *, retry: bool) -> None:
+    trial.set_user_attr("fail_reason", reason)
+    study.tell(trial, state=TrialState.FAIL)
+    _log.warning("trial %d failed: %s", trial.number, reason)
+    if retry:
+        StudyRetry()(study, study._storage.get_trial(trial._trial_id))
+
+
+def run_worker(
+    study_name: str,
+    *,
+    storage_url: str | None = None,
+    artifact_dir: str | Path = "cvae-search-artifacts",
+    n_trials: int | None = None,
+    worker_index: int = 0,
+    local: StudyDefinition | None = None,
+    settings: StorageSettings | None = None,
+) -> WorkerSummary:
+    """Pull and run trials of ``study_name`` in this process until the budget is finished.
+
+    Args:
+        study_name: The study to work on.
+        storage_url: Storage URL (see :func:`search.storage.resolve_storage_url`).
+        artifact_dir: Folder of the file-system artifact store.
+        n_trials: Stop after this many trials of this worker (default: the study's budget).
+        worker_index: Offsets the sampler seed, so parallel workers start apart.
+        local: A definition read from a local file; the worker refuses to run if it differs
+            from the stored one.
+        settings: Heartbeat and connection settings.
+    """
+    settings = settings or StorageSettings()
+    _apply_process_limits()
+    storage = open_storage(storage_url, settings)
+    study, definition = load_study(study_name, storage, local=local, worker_index=worker_index)
+    signals = _Signals()
+    signals.install()
+    objective = TrialObjective(definition, artifact_dir=artifact_dir, interruptible=signals.set_training)
+    summary = WorkerSummary()
+    _log.info("worker %d on %s (%s)", worker_index, study_name, socket.gethostname())
+    while True:
+        if signals.stop.is_set():
+            summary.stopped_by = signals.name
+            break
+        if n_trials is not None and summary.completed + summary.failed >= n_trials:
+            break
+        _reap(study)
+        counts = _counts(study)
+        if sum(counts[s] for s in FINISHED) >= definition.n_trials:
+            break
+        if counts[TrialState.FAIL] >= definition.max_failures:
+            _log.error(
+                "study %s has %d failed trials (max_failures); stopping", study_name, counts[TrialState.FAIL]
+            )
+            summary.stopped_by = "max_failures"
+            break
+        try:
+            trial = study.ask()
+        except Exception as e:
+            if not _is_budget_exhausted(e):
+                raise
+            # Budget taken but not finished: others are running trials that may yet fail
+            # and come back for a retry. Wait for them.
+            signals.stop.wait(settings.heartbeat_interval)
+            continue
+        try:
+            if signals.stop.is_set():
+                raise WorkerInterrupted(signals.name)
+            with _heartbeat(storage, trial._trial_id, settings.heartbeat_interval):
+                _run_trial(study, trial, objective, summary)
+        except WorkerInterrupted as e:
+            _fail(study, trial, f"interrupted: the worker received {e}", retry=True)
+            summary.failed += 1
+            summary.stopped_by = str(e)
+            break
+    _log.info("worker %d done: %d complete, %d failed", worker_index, summary.completed, summary.failed)
+    return summary
+
+
+def _apply_process_limits() -> None:
+    """CPU threads and GPU memory share that ``run_workers`` assigned this process."""
+    import torch
+
+    threads = os.environ.get("CVAE_SEARCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    fraction = os.environ.get("CVAE_SEARCH_GPU_FRACTION")
+    if fraction and torch.cuda.is_available() and float(fraction) < 1.0:
+        # A cap per process: one trial's out-of-memory fails that trial, not its neighbours.
+        torch.cuda.set_per_process_memory_fraction(float(fraction) * 0.95)
+
+
+def _run_trial(
+    study: optuna.Study, trial: optuna.Trial, objective: TrialObjective, summary: WorkerSummary
+) -> None:
+    try:
+        values = objective(trial)
+    except TrialFailed as e:
+        _fail(study, trial, e.reason, retry=e.retry)
+        summary.failed += 1
+        return
+    except Exception as e:  # e.g. CUDA out of memory: this trial fails alone, the worker goes on
+        _fail(study, trial, f"{type(e).__name__}: {e}", retry=True)
+        summary.failed += 1
+        return
+    study.tell(trial, values)
+    summary.completed += 1
+
+
+# --- several processes ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcessPlan:
+    index: int
+    env: dict[str, str]
+
+
+def plan_processes(
+    gpus: str, per_gpu: int, processes: int, cpu_count: int | None = None
+) -> list[ProcessPlan]:
+    """One process per GPU (``per_gpu`` each), or ``processes`` on the CPU.
+
+    Args:
+        gpus: ``auto`` (all visible GPUs, else the CPU), ``all``, ``none``, or ``0,1,...``.
+        per_gpu: Processes sharing each GPU.
+        processes: Processes when running on the CPU.
+        cpu_count: CPU cores to share among CPU processes (default: this machine's).
+    """
+    if per_gpu < 1 or processes < 1:
+        raise ValueError(f"--per-gpu and --processes: expected >= 1, got {per_gpu} and {processes}")
+    if gpus in ("auto", "all"):
+        import torch
+
+        ids = [str(i) for i in range(torch.cuda.device_count())]
+        if not ids and gpus == "all":
+            raise ValueError("--gpus all: no CUDA device is visible")
+    elif gpus == "none":
+        ids = []
+    else:
+        ids = [g.strip() for g in gpus.split(",") if g.strip()]
+        if not ids or not all(g.isdigit() for g in ids):
+            raise ValueError(f"--gpus: expected all, none, auto or a list like 0,1; got {gpus!r}")
+    if ids:
+        fraction = f"{1.0 / per_gpu:.4f}"
+        return [
+            ProcessPlan(i * per_gpu + k, {"CUDA_VISIBLE_DEVICES": gpu, "CVAE_SEARCH_GPU_FRACTION": fraction})
+            for i, gpu in enumerate(ids)
+            for k in range(per_gpu)
+        ]
+    threads = str(max(1, (cpu_count or os.cpu_count() or 1) // processes))
+    return [
+        ProcessPlan(
+            i, {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads, "CVAE_SEARCH_THREADS": threads}
+        )
+        for i in range(processes)
+    ]
+
+
+def run_workers(plans: Sequence[ProcessPlan], child_args: Sequence[str], *, index_offset: int = 0) -> int:
+    """Run one ``cvae-search worker --child`` process per plan; forward SIGTERM/SIGINT.
+
+    Returns:
+        0 when every process ended cleanly, else the first non-zero exit status.
+    """
+    procs: list[subprocess.Popen[bytes]] = []
+    for plan in plans:
+        env = {**os.environ, **plan.env}
+        cmd = [sys.executable, "-m", "search.cli", "worker", *child_args, "--child",
+               "--worker-index", str(index_offset + plan.index)]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, env=env))
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        codes = [p.wait() for p in procs]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    bad = [c for c in codes if c != 0]
+    return bad[0] if bad else 0
