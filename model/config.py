@@ -121,6 +121,10 @@ class ModelConfig:
     channels: int = _num(32, 1)
     """Base convolution width; deeper stages use twice as many."""
     n_res_blocks: int = _num(2, 0, 16)
+    encoder_pool: Literal["grid", "global"] = "grid"
+    """How the encoder summarises the fine field: ``grid`` pools to the coarse grid, keeping
+    where fine-scale structure lies; ``global`` averages it away (a common encoder that leaves
+    z little to say, and so collapses easily)."""
     output: Literal["regression", "hurdle"] = "regression"
     """``hurdle``: a wet-probability head plus an intensity head (zero-inflated output)."""
     prior: Literal["standard", "learned"] = "standard"

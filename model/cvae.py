@@ -5,8 +5,8 @@ predictors with ``H = h * factor`` and ``W = w * factor``, ``static`` [S, H, W] 
 high-resolution fields shared by every sample (``None`` when S is 0), ``z`` [B, D].
 
 Encoder: the fine field, the coarse predictors (nearest-upsampled to the fine grid) and the
-static fields -> conv stem -> three strided stages of residual blocks -> global average pool ->
-linear -> ``mu``, ``logvar``.
+static fields -> conv stem -> three strided stages of residual blocks -> average pool to the
+coarse grid -> linear -> ``mu``, ``logvar``.
 
 Decoder: coarse predictors -> conv features on the coarse grid; ``z`` -> linear -> a
 ``channels x h x w`` map, so the latent can place structure in space rather than only shift
@@ -166,7 +166,14 @@ class CVAE(nn.Module):
         for _ in range(_N_ENCODER_STAGES):
             enc += [_conv(c_in, 2 * c, stride=2), _res_stack(2 * c, n_res)]
             c_in = 2 * c
-        enc += [_norm(2 * c), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * c, 2 * d)]
+        pooled = (1, 1) if cfg.encoder_pool == "global" else (self.coarse_height, self.coarse_width)
+        enc += [
+            _norm(2 * c),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(pooled),
+            nn.Flatten(),
+            nn.Linear(2 * c * pooled[0] * pooled[1], 2 * d),
+        ]
         self.encoder = nn.Sequential(*enc)
 
         self.coarse_features = _conv(n_predictors, 2 * c)

@@ -97,11 +97,21 @@ def constraint_values(
     if definition.collapse is not None:
         rule = definition.collapse
         graded = sum(
-            max(0.0, 1.0 - metrics.get(name, 0.0) / floor) if floor > 0 else 0.0
+            _shortfall(metrics.get(name, math.nan), floor)
             for name, floor in (("spread_norm", rule.min_spread_norm), ("z_usage", rule.min_z_usage))
         )
         out[COLLAPSE_CONSTRAINT] = graded + (1.0 if stopped and stopped.startswith("collapsed") else 0.0)
     return out
+
+
+def _shortfall(value: float, floor: float) -> float:
+    """How far ``value`` falls below ``floor``, from 0 (at or above) to 1 (zero, or unmeasured)."""
+    if floor <= 0:
+        return 0.0
+    # A signal that could not be measured counts as collapsed: max(0, 1 - nan) would be 0.
+    if not math.isfinite(value):
+        return 1.0
+    return max(0.0, 1.0 - value / floor)
 
 
 class TrialObjective:

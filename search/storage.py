@@ -22,17 +22,27 @@ storage for many workers; ``grpc://host:port`` reaches one through Optuna's stor
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
+import functools
 import logging
 import os
 import re
-from collections.abc import Iterator
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
 import sqlalchemy
+from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
 from optuna.trial import FrozenTrial, TrialState
 
 __all__ = [
@@ -44,9 +54,12 @@ __all__ = [
     "SearchStorage",
     "StorageSettings",
     "StudyRetry",
+    "is_budget_exhausted",
     "open_storage",
+    "reap_stale_trials",
     "redact",
     "resolve_storage_url",
+    "search_storage",
 ]
 
 _log = logging.getLogger(__name__)
@@ -56,6 +69,7 @@ BUDGET_ATTR = "cvae_search:n_trials"
 MAX_RETRIES_ATTR = "cvae_search:max_retries"
 HEARTBEAT_ATTR = "cvae_search:heartbeat"
 LIVE_STATES = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+_ATTEMPT_ATTR_PREFIXES = (_CONSTRAINTS_KEY, ARTIFACTS_ATTR_PREFIX)
 
 
 class BudgetExhausted(RuntimeError):
@@ -63,13 +77,19 @@ class BudgetExhausted(RuntimeError):
 
 
 def resolve_storage_url(url: str | None) -> str:
-    """``url``, else ``$OPTUNA_STORAGE``, else the embedded default file."""
-    return url or os.environ.get("OPTUNA_STORAGE") or DEFAULT_STORAGE
+    """``url``, else ``$OPTUNA_STORAGE``, else the embedded default file.
+
+    A PostgreSQL URL without a driver gets ``psycopg2``, the driver the project installs:
+    SQLAlchemy 2.1 would otherwise pick ``psycopg`` (version 3).
+    """
+    url = url or os.environ.get("OPTUNA_STORAGE") or DEFAULT_STORAGE
+    return re.sub(r"^postgres(?:ql)?://", "postgresql+psycopg2://", url)
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for logs, exports and reports."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+    """The URL without its password (in the user part or the query), for logs, exports and reports."""
+    url = re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", url)
 
 
 class StorageSettings:
@@ -82,6 +102,7 @@ class StorageSettings:
         grace_period: int | None = None,
         pool_size: int | None = None,
         connect_timeout: int = 10,
+        reconnect_timeout: float | None = None,
     ) -> None:
         env = os.environ
         self.heartbeat_interval = heartbeat_interval or int(env.get("CVAE_SEARCH_HEARTBEAT", "10"))
@@ -92,26 +113,69 @@ class StorageSettings:
         # the budget lock while the trial row is inserted.
         self.pool_size = pool_size or int(env.get("CVAE_SEARCH_POOL_SIZE", "2"))
         self.connect_timeout = connect_timeout
+        self.reconnect_timeout = (
+            reconnect_timeout
+            if reconnect_timeout is not None
+            else float(env.get("CVAE_SEARCH_RECONNECT", "120"))
+        )
+        """Seconds a storage call keeps retrying while the database is unreachable."""
         if self.heartbeat_interval < 1 or self.grace_period <= self.heartbeat_interval:
             raise ValueError(
                 f"heartbeat: expected interval >= 1 s and grace > interval, got "
                 f"interval={self.heartbeat_interval} grace={self.grace_period}"
             )
+        if self.reconnect_timeout < 0:
+            raise ValueError(f"CVAE_SEARCH_RECONNECT: expected seconds >= 0, got {self.reconnect_timeout}")
 
 
 class StudyRetry:
-    """Optuna's stale-trial retry, with the retry limit the study itself stores."""
+    """Optuna's stale-trial retry, with the retry limit the study itself stores.
+
+    The retry starts clean: the failed attempt's constraints and artifacts are not carried
+    over (Optuna ignores a constraint that is set twice). A retry that finds the budget
+    taken (a new trial got the freed place first) is dropped with a warning rather than
+    raised into the caller, which may be another worker's reaper.
+    """
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         limit = study._storage.get_study_system_attrs(study._study_id).get(MAX_RETRIES_ATTR)
-        RetryHeartbeatStaleTrialCallback(max_retry=limit)(study, trial)
+        clean = copy.deepcopy(trial)
+        clean.system_attrs = {
+            k: v for k, v in trial.system_attrs.items() if not k.startswith(_ATTEMPT_ATTR_PREFIXES)
+        }
+        try:
+            with _known_experimental():
+                RetryHeartbeatStaleTrialCallback(max_retry=limit)(study, clean)
+        except Exception as e:
+            if not is_budget_exhausted(e):
+                raise
+            _log.warning("trial %d not retried: its place in the budget was taken", trial.number)
+
+
+def is_budget_exhausted(e: BaseException) -> bool:
+    """Whether ``e`` is :class:`BudgetExhausted`, also as it arrives through the gRPC proxy."""
+    return isinstance(e, BudgetExhausted) or "BudgetExhausted" in str(e)
+
+
+def _is_disconnect(e: BaseException) -> bool:
+    """Whether ``e`` (or what it wraps) says the database could not be reached or dropped us."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return True
+        if isinstance(seen, sqlalchemy.exc.DBAPIError) and seen.connection_invalidated:
+            return True
+        seen = seen.__cause__
+    return False
 
 
 class SearchStorage(RDBStorage):
-    """RDB storage with pre-ping, heartbeat relay and an exact trial budget (module docstring)."""
+    """RDB storage with pre-ping, reconnection, heartbeat relay and an exact trial budget
+    (module docstring)."""
 
     def __init__(self, url: str, settings: StorageSettings | None = None) -> None:
         self.settings = settings or StorageSettings()
+        self._local = threading.local()
         engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
         if url.startswith("postgresql"):
             engine_kwargs.update(
@@ -122,13 +186,47 @@ class SearchStorage(RDBStorage):
             )
         elif url.startswith("sqlite"):
             engine_kwargs["connect_args"] = {"timeout": 60}
-        super().__init__(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=self.settings.heartbeat_interval,
-            grace_period=self.settings.grace_period,
-            heartbeat_stale_trial_callback=StudyRetry(),
-        )
+        with _known_experimental():
+            super().__init__(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=self.settings.heartbeat_interval,
+                grace_period=self.settings.grace_period,
+                heartbeat_stale_trial_callback=StudyRetry(),
+            )
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__(state)
+        self._local = threading.local()
+
+    def _reconnecting(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one storage call, retrying it while the database is unreachable.
+
+        Only the outermost call retries (a nested one re-raises to it), so a call that
+        failed half-way is redone whole and retries do not multiply.
+        """
+        if getattr(self._local, "in_call", False):
+            return method(self, *args, **kwargs)
+        self._local.in_call = True
+        deadline = time.monotonic() + self.settings.reconnect_timeout
+        delay = 0.25
+        try:
+            while True:
+                try:
+                    return method(self, *args, **kwargs)
+                except Exception as e:
+                    if not _is_disconnect(e) or time.monotonic() + delay > deadline:
+                        raise
+                    _log.warning("storage unreachable (%s); retrying %s", _first_line(e), method.__name__)
+                    time.sleep(delay)
+                    delay = min(2 * delay, 2.0)
+        finally:
+            self._local.in_call = False
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         if key == HEARTBEAT_ATTR:
@@ -136,22 +234,74 @@ class SearchStorage(RDBStorage):
             return
         super().set_trial_system_attr(trial_id, key, value)
 
-    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        changed = super().set_trial_state_values(trial_id, state, values)
+        if changed and state == TrialState.RUNNING:
+            self._first_heartbeat(trial_id)
+        return changed
+
+    def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
+        # Optuna's cached storage, which every loaded study uses, calls this method rather
+        # than create_new_trial, so the budget is enforced here.
         budget = self.get_study_system_attrs(study_id).get(BUDGET_ATTR)
         if budget is None:
-            return super().create_new_trial(study_id, template_trial)
-        with self._budget_lock(study_id):
-            live = self.get_n_trials(study_id, state=LIVE_STATES)
-            if live >= budget:
-                raise BudgetExhausted(f"BudgetExhausted: study {study_id} has its {budget} trials")
-            return super().create_new_trial(study_id, template_trial)
+            trial = super()._create_new_trial(study_id, template_trial)
+        else:
+            with self.study_lock(study_id):
+                if self._count_live(study_id) >= budget:
+                    raise BudgetExhausted(f"BudgetExhausted: study {study_id} has its {budget} trials")
+                trial = super()._create_new_trial(study_id, template_trial)
+        if trial.state == TrialState.RUNNING:
+            self._first_heartbeat(trial._trial_id)
+        return trial
+
+    def _first_heartbeat(self, trial_id: int) -> None:
+        # Optuna never finds a running trial stale until it has a heartbeat: without this one,
+        # a worker dying before its heartbeat thread starts would hold a place forever.
+        try:
+            self.record_heartbeat(trial_id)
+        except Exception as e:  # the worker's own heartbeat records it a moment later
+            _log.warning("first heartbeat of trial %d not recorded: %s", trial_id, _first_line(e))
+
+    def _count_live(self, study_id: int) -> int:
+        with _create_scoped_session(self.scoped_session) as session:
+            count = (
+                session.query(sqlalchemy.func.count(models.TrialModel.trial_id))
+                .filter(models.TrialModel.study_id == study_id, models.TrialModel.state.in_(LIVE_STATES))
+                .scalar()
+            )
+        return int(count or 0)
 
     @contextlib.contextmanager
-    def _budget_lock(self, study_id: int) -> Iterator[None]:
+    def study_lock(self, study_id: int) -> Iterator[None]:
+        """Hold the study's lock: no trial of it is created meanwhile by any process.
+
+        Re-entrant within a thread, so a trial can be failed and its retry created inside
+        one hold (the retry then cannot lose its place to a new trial).
+        """
+        held: dict[int, int] = self._local.__dict__.setdefault("locks", {})
+        if held.get(study_id):
+            held[study_id] += 1
+            try:
+                yield
+            finally:
+                held[study_id] -= 1
+            return
+        with self._acquire(study_id):
+            held[study_id] = 1
+            try:
+                yield
+            finally:
+                held[study_id] = 0
+
+    @contextlib.contextmanager
+    def _acquire(self, study_id: int) -> Iterator[None]:
         dialect = self.engine.dialect.name
         if dialect == "postgresql":
             # A session-level advisory lock on its own connection: released by the server
-            # if this process dies while holding it.
+            # if this process dies while holding it, or if the connection drops.
             key = 0x63766165_0000 + study_id
             with self.engine.connect() as conn:
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
@@ -159,8 +309,14 @@ class SearchStorage(RDBStorage):
                 try:
                     yield
                 finally:
-                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                    conn.commit()
+                    try:
+                        conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                        conn.commit()
+                    except sqlalchemy.exc.DBAPIError as e:
+                        # The connection is gone, and the server released the lock with it;
+                        # never hand this connection back to the pool.
+                        conn.invalidate()
+                        _log.warning("study lock %d: connection lost (%s)", study_id, _first_line(e))
         elif dialect == "sqlite":
             database = self.engine.url.database
             if not database or database == ":memory:":
@@ -175,6 +331,64 @@ class SearchStorage(RDBStorage):
         else:
             _log.warning("no budget lock for %s: concurrent workers may overshoot the budget", dialect)
             yield
+
+
+def _with_reconnect(name: str) -> Callable[..., Any]:
+    method = getattr(SearchStorage, name)
+
+    @functools.wraps(method)
+    def call(self: SearchStorage, *args: Any, **kwargs: Any) -> Any:
+        return self._reconnecting(method, *args, **kwargs)
+
+    return call
+
+
+# Every call that reaches the database, including the private ones Optuna's cached storage uses.
+for _name in (
+    *(n for n in dir(BaseStorage) if not n.startswith("_")),
+    "record_heartbeat",
+    "_get_stale_trial_ids",
+    "_create_new_trial",
+    "_set_trial_param",
+    "_get_trials",
+    "_get_best_trial_id",
+):
+    if callable(getattr(SearchStorage, _name)):
+        setattr(SearchStorage, _name, _with_reconnect(_name))
+del _name
+
+
+def reap_stale_trials(study: optuna.Study) -> None:
+    """Fail the study's trials whose workers stopped beating and re-enqueue them.
+
+    Optuna's :func:`~optuna.storages.fail_stale_trials`, run under the study lock when the
+    storage has one, so a failed trial's retry cannot lose its place to a new trial.
+    """
+    storage = search_storage(study._storage)
+    if storage is None:
+        if isinstance(study._storage, BaseHeartbeat):
+            with _known_experimental():
+                optuna.storages.fail_stale_trials(study)
+        return
+    if not storage._get_stale_trial_ids(study._study_id):
+        return
+    with storage.study_lock(study._study_id), _known_experimental():
+        optuna.storages.fail_stale_trials(study)
+
+
+@contextlib.contextmanager
+def _known_experimental() -> Iterator[None]:
+    """Optuna's heartbeat and retry are marked experimental; they are what the service is built
+    on, so the warning would only repeat on every worker start and every reap."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def search_storage(storage: BaseStorage) -> SearchStorage | None:
+    """The :class:`SearchStorage` behind ``storage`` (a study's cached storage), if any."""
+    backend = getattr(storage, "_backend", storage)
+    return backend if isinstance(backend, SearchStorage) else None
 
 
 def open_storage(url: str | None = None, settings: StorageSettings | None = None) -> BaseStorage:
@@ -192,7 +406,8 @@ def open_storage(url: str | None = None, settings: StorageSettings | None = None
         host, _, port = url.removeprefix("grpc://").rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"storage: expected grpc://HOST:PORT, got {url!r}")
-        proxy = GrpcStorageProxy(host=host, port=int(port))
+        with _known_experimental():
+            proxy = GrpcStorageProxy(host=host, port=int(port))
         proxy.wait_server_ready(timeout=(settings or StorageSettings()).connect_timeout)
         return proxy
     if url.startswith("sqlite:///"):

@@ -6,21 +6,25 @@ and enqueues the baselines once; workers only load.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import time
+import uuid
 
 import optuna
 from optuna.storages import BaseStorage
 
 from search.definition import StudyDefinition
-from search.storage import BUDGET_ATTR, MAX_RETRIES_ATTR
+from search.storage import BUDGET_ATTR, MAX_RETRIES_ATTR, search_storage
 
 __all__ = [
     "DEFINITION_ATTR",
     "DIGEST_ATTR",
     "DefinitionMismatch",
     "StudyNotFound",
+    "claim_worker_slot",
     "create_study",
     "load_study",
     "stored_definition",
@@ -30,6 +34,7 @@ _log = logging.getLogger(__name__)
 
 DEFINITION_ATTR = "cvae_search:definition"
 DIGEST_ATTR = "cvae_search:digest"
+WORKER_ATTR_PREFIX = "cvae_search:worker:"
 BASELINE_ATTR = "baseline"
 
 
@@ -128,3 +133,31 @@ def load_study(
         _check_same(local, definition)
     study = optuna.load_study(study_name=name, storage=storage, sampler=definition.make_sampler(worker_index))
     return study, definition
+
+
+def claim_worker_slot(study: optuna.Study) -> int:
+    """A number no other worker of ``study`` has had: 0 for the first worker, then 1, 2, ...
+
+    Each worker records itself in the study (start time, host). Under the study lock, where
+    the storage has one, the slot is the count of earlier records, exact. Elsewhere (behind
+    the gRPC proxy) it is the rank of this record among those written so far: two workers
+    starting in the same instant may then share a slot.
+    """
+    storage = search_storage(study._storage)
+    lock = storage.study_lock(study._study_id) if storage is not None else contextlib.nullcontext()
+    with lock:
+        key = f"{WORKER_ATTR_PREFIX}{time.time_ns():020d}:{uuid.uuid4().hex[:8]}"
+        earlier = [
+            k
+            for k in study._storage.get_study_system_attrs(study._study_id)
+            if k.startswith(WORKER_ATTR_PREFIX)
+        ]
+        study._storage.set_study_system_attr(study._study_id, key, socket.gethostname())
+        if storage is not None:
+            return len(earlier)
+        keys = sorted(
+            k
+            for k in study._storage.get_study_system_attrs(study._study_id)
+            if k.startswith(WORKER_ATTR_PREFIX)
+        )
+    return keys.index(key)

@@ -13,6 +13,7 @@ is left RUNNING; one killed outright is failed by the heartbeat of those that re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,14 +30,23 @@ from pathlib import Path
 from types import FrameType
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
 
 from search.definition import StudyDefinition
 from search.objective import TrialFailed, TrialObjective
-from search.storage import HEARTBEAT_ATTR, BudgetExhausted, StorageSettings, StudyRetry, open_storage
-from search.study import load_study
+from search.storage import (
+    HEARTBEAT_ATTR,
+    StorageSettings,
+    StudyRetry,
+    is_budget_exhausted,
+    open_storage,
+    reap_stale_trials,
+    search_storage,
+)
+from search.study import claim_worker_slot, load_study
 
 __all__ = ["WorkerInterrupted", "WorkerSummary", "plan_processes", "run_worker", "run_workers"]
 
@@ -70,6 +81,8 @@ class _Signals:
             signal.signal(s, self._on_signal)
 
     def set_training(self, training: bool) -> None:
+        if training and self.stop.is_set():  # the signal came while the trial was being set up
+            raise WorkerInterrupted(self.name)
         self.training = training
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -108,12 +121,6 @@ def _heartbeat(storage: BaseStorage, trial_id: int, interval: float) -> Iterator
         thread.join()
 
 
-def _reap(study: optuna.Study) -> None:
-    """Fail trials whose workers stopped beating, re-enqueueing them (Optuna's own routine)."""
-    if isinstance(study._storage, BaseHeartbeat):
-        optuna.storages.fail_stale_trials(study)
-
-
 def _counts(study: optuna.Study) -> dict[TrialState, int]:
     counts = dict.fromkeys(TrialState, 0)
     for t in study.get_trials(deepcopy=False):
@@ -121,17 +128,29 @@ def _counts(study: optuna.Study) -> dict[TrialState, int]:
     return counts
 
 
-def _is_budget_exhausted(e: BaseException) -> bool:
-    # Behind the gRPC proxy the storage's exception arrives as an RPC error carrying its text.
-    return isinstance(e, BudgetExhausted) or "BudgetExhausted" in str(e)
-
-
 def _fail(study: optuna.Study, trial: optuna.Trial, reason: str, *, retry: bool) -> None:
-    trial.set_user_attr("fail_reason", reason)
-    study.tell(trial, state=TrialState.FAIL)
-    _log.warning("trial %d failed: %s", trial.number, reason)
-    if retry:
-        StudyRetry()(study, study._storage.get_trial(trial._trial_id))
+    """Fail ``trial`` with ``reason``; with ``retry``, re-enqueue its parameters.
+
+    The failure and the retry happen under the study lock where the storage has one, so the
+    retry cannot lose its place in the budget to a new trial in between.
+    """
+    storage = search_storage(study._storage)
+    lock = storage.study_lock(study._study_id) if storage is not None else contextlib.nullcontext()
+    try:
+        with lock:
+            trial.set_user_attr("fail_reason", reason)
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            _log.warning("trial %d failed: %s", trial.number, reason)
+            if retry:
+                StudyRetry()(study, study._storage.get_trial(trial._trial_id))
+    except UpdateFinishedTrialError:
+        _finished_elsewhere(trial)
+
+
+def _finished_elsewhere(trial: optuna.Trial) -> None:
+    # Another process failed it as stale (and re-enqueued it) while this one was cut off from
+    # the database longer than the grace period; its retry will run it again.
+    _log.warning("trial %d was already finished by another process; dropping this attempt", trial.number)
 
 
 def run_worker(
@@ -151,27 +170,33 @@ def run_worker(
         storage_url: Storage URL (see :func:`search.storage.resolve_storage_url`).
         artifact_dir: Folder of the file-system artifact store.
         n_trials: Stop after this many trials of this worker (default: the study's budget).
-        worker_index: Offsets the sampler seed, so parallel workers start apart.
+        worker_index: This worker's index among those ``run_workers`` started (for logs);
+            the sampler seed is offset by a slot the study hands out instead.
         local: A definition read from a local file; the worker refuses to run if it differs
             from the stored one.
         settings: Heartbeat and connection settings.
     """
     settings = settings or StorageSettings()
-    _apply_process_limits()
-    storage = open_storage(storage_url, settings)
-    study, definition = load_study(study_name, storage, local=local, worker_index=worker_index)
     signals = _Signals()
-    signals.install()
+    signals.install()  # first: a stop during start-up ends the worker cleanly too
+    _apply_process_limits()
+    _quiet_optuna_warnings()
+    storage = open_storage(storage_url, settings)
+    study, definition = load_study(study_name, storage, local=local)
+    # A slot the study hands out, not the command line's index: separately started workers
+    # (and a worker started again later) must not replay the same sampler seed.
+    slot = claim_worker_slot(study)
+    study.sampler = definition.make_sampler(slot)
     objective = TrialObjective(definition, artifact_dir=artifact_dir, interruptible=signals.set_training)
     summary = WorkerSummary()
-    _log.info("worker %d on %s (%s)", worker_index, study_name, socket.gethostname())
+    _log.info("worker %d (slot %d) on %s (%s)", worker_index, slot, study_name, socket.gethostname())
     while True:
         if signals.stop.is_set():
             summary.stopped_by = signals.name
             break
         if n_trials is not None and summary.completed + summary.failed >= n_trials:
             break
-        _reap(study)
+        reap_stale_trials(study)
         counts = _counts(study)
         if sum(counts[s] for s in FINISHED) >= definition.n_trials:
             break
@@ -184,7 +209,7 @@ def run_worker(
         try:
             trial = study.ask()
         except Exception as e:
-            if not _is_budget_exhausted(e):
+            if not is_budget_exhausted(e):
                 raise
             # Budget taken but not finished: others are running trials that may yet fail
             # and come back for a retry. Wait for them.
@@ -202,6 +227,12 @@ def run_worker(
             break
     _log.info("worker %d done: %d complete, %d failed", worker_index, summary.completed, summary.failed)
     return summary
+
+
+def _quiet_optuna_warnings() -> None:
+    """Optuna warns on every ask that heartbeats are meant for ``optimize``; this loop runs
+    the heartbeat machinery itself, on purpose."""
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed", category=UserWarning)
 
 
 def _apply_process_limits() -> None:
@@ -226,11 +257,16 @@ def _run_trial(
         _fail(study, trial, e.reason, retry=e.retry)
         summary.failed += 1
         return
+    except UpdateFinishedTrialError:
+        _finished_elsewhere(trial)
+        return
     except Exception as e:  # e.g. CUDA out of memory: this trial fails alone, the worker goes on
         _fail(study, trial, f"{type(e).__name__}: {e}", retry=True)
         summary.failed += 1
         return
-    study.tell(trial, values)
+    if study.tell(trial, values, skip_if_finished=True).state != TrialState.COMPLETE:
+        _finished_elsewhere(trial)
+        return
     summary.completed += 1
 
 
@@ -252,7 +288,9 @@ def plan_processes(
         gpus: ``auto`` (all visible GPUs, else the CPU), ``all``, ``none``, or ``0,1,...``.
         per_gpu: Processes sharing each GPU.
         processes: Processes when running on the CPU.
-        cpu_count: CPU cores to share among CPU processes (default: this machine's).
+        cpu_count: CPU cores to share among CPU processes (default: this machine's); a
+            ``CVAE_SEARCH_THREADS`` set in the environment fixes the threads per process
+            instead (several workers started separately on one machine).
     """
     if per_gpu < 1 or processes < 1:
         raise ValueError(f"--per-gpu and --processes: expected >= 1, got {per_gpu} and {processes}")
@@ -275,7 +313,9 @@ def plan_processes(
             for i, gpu in enumerate(ids)
             for k in range(per_gpu)
         ]
-    threads = str(max(1, (cpu_count or os.cpu_count() or 1) // processes))
+    threads = os.environ.get("CVAE_SEARCH_THREADS") or str(
+        max(1, (cpu_count or os.cpu_count() or 1) // processes)
+    )
     return [
         ProcessPlan(
             i, {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads, "CVAE_SEARCH_THREADS": threads}
@@ -291,19 +331,24 @@ def run_workers(plans: Sequence[ProcessPlan], child_args: Sequence[str], *, inde
         0 when every process ended cleanly, else the first non-zero exit status.
     """
     procs: list[subprocess.Popen[bytes]] = []
-    for plan in plans:
-        env = {**os.environ, **plan.env}
-        cmd = [sys.executable, "-m", "search.cli", "worker", *child_args, "--child",
-               "--worker-index", str(index_offset + plan.index)]  # fmt: skip
-        procs.append(subprocess.Popen(cmd, env=env))
+    stopping = threading.Event()
 
     def forward(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+                pass
 
+    # Installed before any child starts, so a stop during start-up reaches every child.
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        for plan in plans:
+            if stopping.is_set():
+                break
+            env = {**os.environ, **plan.env}
+            cmd = [sys.executable, "-m", "search.cli", "worker", *child_args, "--child",
+                   "--worker-index", str(index_offset + plan.index)]  # fmt: skip
+            procs.append(subprocess.Popen(cmd, env=env))
         codes = [p.wait() for p in procs]
     finally:
         for s, handler in previous.items():

@@ -1,0 +1,85 @@
+"""``cvae-search demo``: the whole loop on one machine with nothing configured.
+
+create -> two worker processes -> report -> export, on the built-in synthetic set and an
+embedded SQLite storage under one folder, then the Pareto table and where everything went.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import optuna
+
+from search.definition import load_definition
+from search.export import export_trial, pick_trial
+from search.report import format_table, pareto_table, write_report
+from search.storage import open_storage
+from search.study import create_study, load_study
+from search.worker import plan_processes, run_workers
+
+__all__ = ["DEMO_STUDY", "run_demo"]
+
+DEMO_STUDY = Path(__file__).resolve().parents[1] / "studies" / "tiny.yaml"
+
+
+def _dominates(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial, directions: list[str]) -> bool:
+    assert a.values is not None and b.values is not None
+    signs = [1.0 if d == "minimize" else -1.0 for d in directions]
+    av = [s * v for s, v in zip(signs, a.values, strict=True)]
+    bv = [s * v for s, v in zip(signs, b.values, strict=True)]
+    return all(x <= y for x, y in zip(av, bv, strict=True)) and av != bv
+
+
+def run_demo(out: Path, *, workers: int = 2, study_file: Path = DEMO_STUDY) -> int:
+    """Run the demo study into ``out`` (replacing an earlier demo there) and print the story."""
+    if not study_file.exists():
+        raise FileNotFoundError(f"{study_file}: the demo study file is missing (run from a checkout)")
+    definition = load_definition(study_file)
+    out = out.resolve()
+    for stale in ("study.db", "study.db.lock", "artifacts", "report", "best.yaml"):
+        path = out / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{out / 'study.db'}"
+    artifacts = out / "artifacts"
+
+    create_study(definition, open_storage(url))
+    print(f"study {definition.name}: {definition.n_trials} trials ({', '.join(definition.baselines)} first) "
+          f"over {workers} worker processes; this takes a few minutes on two CPU cores", flush=True)  # fmt: skip
+    t0 = time.perf_counter()
+    code = run_workers(
+        plan_processes("none", 1, workers), [definition.name, "--storage", url, "--artifact-dir", str(artifacts)]
+    )
+    if code != 0:
+        print(f"demo: a worker process exited with status {code}")
+        return code
+    elapsed = time.perf_counter() - t0
+
+    study, definition = load_study(definition.name, open_storage(url))
+    picked = pick_trial(study, definition, "knee")
+    files = write_report(study, definition, out / "report", picked=picked.number)
+    best = export_trial(study, definition, picked, out / "best.yaml", storage_url=url, rule="knee")
+
+    print()
+    print(format_table(pareto_table(study, definition, picked=picked.number)))
+    print()
+    baselines = {t.user_attrs["baseline"]: t for t in study.trials if t.user_attrs.get("baseline") and t.values}
+    for name, trial in sorted(baselines.items()):
+        verdict = "dominates" if _dominates(picked, trial, definition.directions) else "does not dominate"
+        print(f"the pick (trial {picked.number}) {verdict} baseline {name} (trial {trial.number}) "
+              f"on {' and '.join(definition.metric_names)}")  # fmt: skip
+    print(f"\n{len(study.trials)} trials in {elapsed / 60:.1f} min. Written:")
+    print(f"  storage    {url}")
+    print(f"  artifacts  {artifacts}")
+    for name, path in files.items():
+        print(f"  {name:<10} {path}")
+    print(f"  export     {best}")
+    print("\nnext:")
+    print(f"  cvae-search dashboard --storage {url} --artifact-dir {artifacts}")
+    print(f"  cvae-search train {best} -o {out / 'production'}")
+    return 0

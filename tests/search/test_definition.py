@@ -1,0 +1,129 @@
+"""Study files at the edge: an invalid one is refused before the database is touched, and a
+worker refuses a definition that differs from the one stored in the study."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import psycopg2
+import pytest
+import yaml
+from psycopg2 import sql
+from sqlalchemy.engine import make_url
+
+from search.cli import main
+from search.definition import load_definition
+from tests.conftest import CliProcesses
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def empty_database(pg_url: str) -> Iterator[str]:
+    """A database of its own on the test server, with nothing in it."""
+    server = make_url(pg_url).set(drivername="postgresql", database="postgres")
+    admin = psycopg2.connect(server.render_as_string(hide_password=False))
+    admin.autocommit = True
+    name = f"cvae_empty_{uuid.uuid4().hex[:12]}"
+    with admin.cursor() as cur:
+        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield make_url(pg_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin.close()
+
+
+def tables_in(url: str) -> list[str]:
+    conn = psycopg2.connect(make_url(url).set(drivername="postgresql").render_as_string(hide_password=False))
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")
+            return [row[0] for row in cur.fetchall()]
+    finally:
+        conn.close()
+
+
+INVALID: dict[str, tuple[dict[str, Any], list[str]]] = {
+    "unknown field": ({"n_trialz": 3}, ["n_trialz", "unknown field"]),
+    "bad metric name": (
+        {"objectives": [{"metric": "diversty", "direction": "maximize"}]},
+        ["objectives[0].metric", "expected a metric name", "diversty"],
+    ),
+    "space path not in the config": (
+        {"space": {"loss.beta_kll": {"type": "float", "low": 0.01, "high": 1.0}}},
+        ["space.loss.beta_kll", "not a field of the training config"],
+    ),
+    "baseline outside the space": (
+        {"baselines": {"strong": {"loss.beta_kl": 5.0}}},
+        ["baselines[0] (strong)", "loss.beta_kl=5.0", "outside space.loss.beta_kl"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID))
+def test_an_invalid_study_file_is_refused_before_the_database_is_touched(
+    case: str,
+    tiny_study: Callable[..., Path],
+    empty_database: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fields, expected = INVALID[case]
+    study_file = tiny_study(f"invalid-{case.replace(' ', '-')}", **fields)
+
+    code = main(["create", str(study_file), "--storage", empty_database])
+
+    assert code != 0
+    message = capsys.readouterr().err.strip().splitlines()
+    assert len(message) == 1, message
+    assert message[0].startswith(f"cvae-search create: error: {study_file}: ")
+    for part in expected:
+        assert part in message[0]
+    assert tables_in(empty_database) == []  # not even Optuna's schema
+
+
+def test_a_worker_refuses_a_study_file_that_differs_from_the_stored_definition(
+    tiny_study: Callable[..., Path], pg_url: str, cli: CliProcesses
+) -> None:
+    name = "stored-definition"
+    stored = tiny_study(name, n_trials=3)
+    assert main(["create", str(stored), "--storage", pg_url]) == 0
+    # The same study, with one searched range widened.
+    changed = yaml.safe_load(stored.read_text())
+    changed["space"]["loss.free_bits"]["high"] = 2.0
+    local = stored.with_name("changed.yaml")
+    local.write_text(yaml.safe_dump(changed))
+
+    refused = cli.run("worker", name, "--storage", pg_url, "--study-file", str(local))
+
+    assert refused.returncode != 0
+    message = [line for line in refused.stderr.splitlines() if "error" in line]
+    assert len(message) == 1, refused.stderr
+    assert str(local) in message[0] and "differs from the definition stored" in message[0]
+    assert "Traceback" not in refused.stderr
+    assert optuna.load_study(study_name=name, storage=pg_url).trials == []  # no trial ran
+
+
+def test_the_same_definition_from_another_folder_is_accepted(
+    tiny_study: Callable[..., Path], pg_url: str, tmp_path: Path, cli: CliProcesses
+) -> None:
+    name = "moved-definition"
+    stored = tiny_study(name, n_trials=3)
+    assert main(["create", str(stored), "--storage", pg_url]) == 0
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(stored.parent, copy)
+    assert load_definition(copy / "study.yaml").digest() == load_definition(stored).digest()
+
+    # A worker with the copy starts (and, told to run no trial, stops at once).
+    accepted = cli.run(
+        "worker", name, "--storage", pg_url, "--study-file", str(copy / "study.yaml"), "--n-trials", "0"
+    )
+
+    assert accepted.returncode == 0, accepted.stderr
+    assert optuna.load_study(study_name=name, storage=pg_url).trials == []

@@ -1,0 +1,387 @@
+"""End to end: real worker processes (``python -m search.cli worker``) on a real PostgreSQL.
+
+Each test creates its own study with the command line, runs workers as a user or a container
+would, and reads the outcome back from the database. Liveness runs fast here (heartbeat 1 s,
+grace 3 s; see the ``search_env`` fixture).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from search.cli import main
+from search.storage import HEARTBEAT_ATTR
+from tests.conftest import CliProcesses
+
+pytestmark = pytest.mark.postgres
+
+WORKER_TIMEOUT = 240
+LONG_TRIAL_EPOCHS = 60
+"""A few seconds per trial: long enough to find a worker in the middle of one."""
+ENDLESS_EPOCHS = 20_000
+"""Far longer than any test waits: only a stop ends such a trial."""
+
+
+# --- reading the study back --------------------------------------------------------------------
+
+
+@pytest.fixture
+def observer(pg_url: str) -> RDBStorage:
+    """A plain Optuna storage on the test database: it reads, and never fails or retries a trial."""
+    return RDBStorage(pg_url, engine_kwargs={"pool_pre_ping": True})
+
+
+def trials_of(storage: RDBStorage, name: str) -> list[FrozenTrial]:
+    return storage.get_all_trials(storage.get_study_id_from_name(name))
+
+
+def count(trials: list[FrozenTrial], state: TrialState) -> int:
+    return sum(t.state == state for t in trials)
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def running_longer_than(storage: RDBStorage, name: str, seconds: float) -> list[FrozenTrial]:
+    # datetime_start is the worker's local clock, and the workers run on this machine.
+    now = dt.datetime.now()
+    return [
+        t
+        for t in trials_of(storage, name)
+        if t.state == TrialState.RUNNING
+        and t.datetime_start is not None
+        and (now - t.datetime_start).total_seconds() > seconds
+    ]
+
+
+def create(study_file: Path, url: str) -> None:
+    """``cvae-search create`` (in this process: only the workers need to be processes of their own)."""
+    assert main(["create", str(study_file), "--storage", url]) == 0
+
+
+def start_worker(
+    cli: CliProcesses, name: str, url: str, artifacts: Path, *extra: str
+) -> subprocess.Popen[bytes]:
+    return cli.start(
+        "worker", name, "--storage", url, "--artifact-dir", str(artifacts), *extra, name="worker"
+    )
+
+
+def retries_of(trials: list[FrozenTrial], failed: FrozenTrial) -> list[FrozenTrial]:
+    return [t for t in trials if t.system_attrs.get("failed_trial") == failed.number]
+
+
+def assert_budget_met_exactly(trials: list[FrozenTrial], n_trials: int) -> None:
+    assert count(trials, TrialState.COMPLETE) + count(trials, TrialState.PRUNED) == n_trials
+    assert count(trials, TrialState.RUNNING) == 0
+    assert count(trials, TrialState.WAITING) == 0
+
+
+def assert_killed_trial_was_retried(trials: list[FrozenTrial]) -> None:
+    """One trial was failed through its heartbeat, and its retry ran to completion."""
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1, [(t.number, t.state.name) for t in trials]
+    dead = failed[0]
+    # Failed by the heartbeat (another process), not by its own worker, which records a reason.
+    assert "fail_reason" not in dead.user_attrs
+    (retry,) = retries_of(trials, dead)
+    assert retry.state == TrialState.COMPLETE
+    assert retry.params == dead.params
+    assert retry.system_attrs["retry_history"] == [dead.number]
+
+
+# --- several workers ----------------------------------------------------------------------------
+
+SEVERAL = "several-workers"
+BASELINES = {
+    "calm": {"loss.beta_kl": 0.01, "loss.free_bits": 0.1, "train.lr": 0.002},
+    "bold": {"loss.beta_kl": 0.5, "loss.free_bits": 0.9, "train.lr": 0.0005},
+}
+WILD = {"wild": {"train.lr": 1e6}}
+"""A baseline whose loss becomes NaN in its first epoch."""
+IMPOSSIBLE = [{"metric": "spatial_correlation", "min": 0.99}]
+"""A constraint no trial meets: the study has no feasible trial to export."""
+
+
+@pytest.fixture(scope="module")
+def several_workers(
+    pg_url: str,
+    tiny_study: Callable[..., Path],
+    search_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Any:
+    """A study of 6 trials run by three worker processes (one ``worker`` command and one
+    ``worker --processes 2``, started together), with two sound baselines, one that diverges,
+    and a constraint no trial meets."""
+    cli = CliProcesses(search_env, tmp_path_factory.mktemp("several"))
+    try:
+        study = tiny_study(SEVERAL, n_trials=6, baselines={**BASELINES, **WILD}, constraints=IMPOSSIBLE)
+        create(study, pg_url)
+        artifacts = cli.logs / "artifacts"
+        workers = [
+            start_worker(cli, SEVERAL, pg_url, artifacts),
+            start_worker(cli, SEVERAL, pg_url, artifacts, "--processes", "2"),
+        ]
+        codes = [cli.wait(w, WORKER_TIMEOUT) for w in workers]
+        yield codes, artifacts, [cli.output(w) for w in workers]
+    finally:
+        cli.close()
+
+
+def test_several_workers_finish_exactly_the_budget(several_workers: Any, observer: RDBStorage) -> None:
+    codes, artifacts, outputs = several_workers
+    assert codes == [0, 0], outputs
+    trials = trials_of(observer, SEVERAL)
+    assert_budget_met_exactly(trials, 6)
+    assert count(trials, TrialState.FAIL) == 1  # the wild baseline
+    params = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(params)) == len(params), "two workers proposed the same parameters"
+
+    for t in trials:
+        if t.state == TrialState.FAIL:
+            continue
+        assert len(t.values) == 2
+        assert {"metrics", "losses", "timings", "runtime", "normalization"} <= set(t.user_attrs)
+        assert t.user_attrs["runtime"]["device"] == "cpu"
+        files = {
+            meta["filename"]: artifacts / meta["artifact_id"]
+            for key, value in t.system_attrs.items()
+            if key.startswith("artifacts:")
+            for meta in [json.loads(value)]
+        }
+        assert files["samples.png"].read_bytes().startswith(b"\x89PNG")
+
+    for name, overrides in BASELINES.items():
+        (trial,) = [t for t in trials if t.user_attrs.get("baseline") == name]
+        assert trial.params == {
+            "loss.beta_kl": overrides["loss.beta_kl"],
+            "loss.free_bits": overrides["loss.free_bits"],
+        }
+        meta = next(
+            json.loads(v)
+            for k, v in trial.system_attrs.items()
+            if k.startswith("artifacts:") and "config.yaml" in v
+        )
+        trained = yaml.safe_load((artifacts / meta["artifact_id"]).read_text())
+        # train.lr is not searched: only the baseline's own config carries it.
+        assert trained["train"]["lr"] == overrides["train.lr"]
+
+
+def test_optunas_own_cli_reads_the_study(
+    several_workers: Any, pg_url: str, search_env: dict[str, str]
+) -> None:
+    def optuna_cli(command: str) -> list[dict[str, Any]]:
+        result = subprocess.run(
+            [str(Path(sys.executable).with_name("optuna")), command, "--study-name", SEVERAL,
+             "--storage", pg_url, "-f", "json"],
+            env=search_env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    listed = optuna_cli("trials")
+    assert len(listed) == 7  # with the failed wild baseline
+    assert sum(row["state"] == "COMPLETE" and len(row["values"]) == 2 for row in listed) == 6
+    # Optuna's front holds feasible trials only; tiny models may well all be collapsed.
+    best = optuna_cli("best-trials")
+    assert {row["number"] for row in best} <= {row["number"] for row in listed}
+
+
+def test_a_diverging_trial_fails_without_retry_and_the_workers_go_on(
+    several_workers: Any, observer: RDBStorage
+) -> None:
+    trials = trials_of(observer, SEVERAL)
+    (wild,) = [t for t in trials if t.state == TrialState.FAIL]
+    assert wild.user_attrs["baseline"] == "wild"
+    assert wild.user_attrs["fail_reason"].startswith("diverged")
+    assert retries_of(trials, wild) == []
+    assert count(trials, TrialState.COMPLETE) == 6  # its place went to another trial
+
+
+def test_export_without_a_feasible_trial_fails_with_one_line(
+    several_workers: Any, cli: CliProcesses, pg_url: str
+) -> None:
+    out = cli.logs / "best.yaml"
+    result = cli.run("export", SEVERAL, "--storage", pg_url, "-o", str(out))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()
+    assert len(message) == 1, result.stderr
+    assert message[0].startswith("cvae-search export: error:") and "feasible" in message[0]
+    assert not out.exists()
+
+
+# --- failures -----------------------------------------------------------------------------------
+
+
+def test_a_killed_worker_s_trial_is_failed_by_heartbeat_and_retried(
+    cli: CliProcesses, tiny_study: Callable[..., Path], pg_url: str, observer: RDBStorage
+) -> None:
+    name = "killed-worker"
+    create(tiny_study(name, n_trials=3, epochs=LONG_TRIAL_EPOCHS), pg_url)
+    artifacts = cli.logs / "artifacts"
+    doomed = start_worker(cli, name, pg_url, artifacts)
+    survivor = start_worker(cli, name, pg_url, artifacts)
+    # Both workers in the middle of a trial: the one killed certainly leaves one RUNNING.
+    wait_until(lambda: len(running_longer_than(observer, name, 1.0)) == 2, 120, "both workers in a trial")
+    cli.kill_group(doomed)
+
+    assert cli.wait(survivor, WORKER_TIMEOUT) == 0, cli.output(survivor)
+    trials = trials_of(observer, name)
+    assert_budget_met_exactly(trials, 3)
+    assert_killed_trial_was_retried(trials)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_stops_a_worker_cleanly_and_requeues_its_trial(
+    processes: int, cli: CliProcesses, tiny_study: Callable[..., Path], pg_url: str, observer: RDBStorage
+) -> None:
+    name = f"sigterm-{processes}"
+    create(tiny_study(name, n_trials=4, epochs=ENDLESS_EPOCHS), pg_url)
+    worker = start_worker(cli, name, pg_url, cli.logs / "artifacts", "--processes", str(processes))
+    wait_until(
+        lambda: len(running_longer_than(observer, name, 1.0)) == processes, 120, "every process in a trial"
+    )
+
+    worker.send_signal(signal.SIGTERM)  # the parent, which forwards it to its worker processes
+    assert cli.wait(worker, 60) == 0, cli.output(worker)
+    with pytest.raises(ProcessLookupError):  # no worker process outlived its parent
+        os.killpg(worker.pid, 0)
+
+    trials = trials_of(observer, name)
+    assert count(trials, TrialState.RUNNING) == 0
+    stopped = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(stopped) == processes
+    for t in stopped:
+        assert "SIGTERM" in t.user_attrs["fail_reason"]
+        (retry,) = retries_of(trials, t)
+        assert retry.state == TrialState.WAITING
+        assert retry.params == t.params
+
+
+# --- PostgreSQL restarted mid-study ---------------------------------------------------------------
+
+
+def _restart_command() -> list[str] | None:
+    versions = sorted(
+        Path("/etc/postgresql").glob("*/main"), key=lambda p: [int(x) for x in p.parent.name.split(".")]
+    )
+    if shutil.which("pg_ctlcluster") is None or not versions or os.geteuid() != 0:
+        return None
+    return ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1].parent.name, "main", "restart"]
+
+
+def _server_is_up() -> bool:
+    ready = subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1"], timeout=10)
+    return ready.returncode == 0
+
+
+@pytest.fixture
+def restart_postgres(pg_url: str) -> Any:
+    """Restarts the local PostgreSQL server; waits for it to be up again at teardown."""
+    command = _restart_command()
+    if command is None or "127.0.0.1" not in pg_url:
+        reason = "restarting PostgreSQL needs root, pg_ctlcluster and the local server at 127.0.0.1"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+    def restart() -> None:
+        subprocess.run(command, check=True, timeout=120, capture_output=True)
+
+    yield restart
+    deadline = time.monotonic() + 60
+    while not _server_is_up():
+        if time.monotonic() > deadline:
+            pytest.fail("PostgreSQL did not come back within 60 s of the restart")
+        time.sleep(0.5)
+
+
+def test_workers_carry_on_through_a_postgresql_restart(
+    cli: CliProcesses,
+    tiny_study: Callable[..., Path],
+    pg_url: str,
+    observer: RDBStorage,
+    restart_postgres: Callable[[], None],
+) -> None:
+    name = "pg-restart"
+    create(tiny_study(name, n_trials=6, epochs=LONG_TRIAL_EPOCHS // 2), pg_url)
+    artifacts = cli.logs / "artifacts"
+    workers = [start_worker(cli, name, pg_url, artifacts) for _ in range(2)]
+
+    def mid_study() -> bool:
+        trials = trials_of(observer, name)
+        return count(trials, TrialState.COMPLETE) >= 1 and count(trials, TrialState.RUNNING) >= 1
+
+    wait_until(mid_study, 120, "a complete and a running trial")
+    restart_postgres()
+    restarted = dt.datetime.now()
+
+    for w in workers:
+        assert cli.wait(w, WORKER_TIMEOUT) == 0, cli.output(w)
+    trials = trials_of(observer, name)
+    assert_budget_met_exactly(trials, 6)
+    assert any(t.datetime_complete and t.datetime_complete > restarted for t in trials)
+
+
+# --- the gRPC storage proxy -----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_workers_behind_the_grpc_proxy(
+    cli: CliProcesses, tiny_study: Callable[..., Path], pg_url: str, observer: RDBStorage
+) -> None:
+    port = _free_port()
+    proxy = cli.start("proxy", "--storage", pg_url, "--port", str(port), name="proxy")
+
+    def listening() -> bool:
+        assert proxy.poll() is None, cli.output(proxy)
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until(listening, 60, "the proxy to listen")
+    name = "proxied"
+    create(tiny_study(name, n_trials=3, epochs=LONG_TRIAL_EPOCHS), pg_url)
+    grpc_url = f"grpc://127.0.0.1:{port}"
+    artifacts = cli.logs / "artifacts"
+    doomed = start_worker(cli, name, grpc_url, artifacts)
+    survivor = start_worker(cli, name, grpc_url, artifacts)
+    wait_until(lambda: len(running_longer_than(observer, name, 1.0)) == 2, 120, "both workers in a trial")
+    cli.kill_group(doomed)
+
+    # Only the proxy can fail the dead worker's trial: the survivor has no heartbeat storage.
+    assert cli.wait(survivor, WORKER_TIMEOUT) == 0, cli.output(survivor)
+    trials = trials_of(observer, name)
+    assert_budget_met_exactly(trials, 3)
+    assert_killed_trial_was_retried(trials)
+    assert proxy.poll() is None
+    # The workers' heartbeats went into Optuna's heartbeat table, not into the trials.
+    assert not any(HEARTBEAT_ATTR in t.system_attrs for t in trials)
