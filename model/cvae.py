@@ -298,12 +298,23 @@ class CVAE(nn.Module):
     # --- training and generation -----------------------------------------------------------------
 
     def forward(
-        self, fine: Tensor, coarse: Tensor, static: Tensor | None, *, generator: torch.Generator | None = None
+        self,
+        fine: Tensor,
+        coarse: Tensor,
+        static: Tensor | None,
+        *,
+        eps: Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> ForwardOutput:
-        """Encode, draw ``z = mu + exp(logvar / 2) * eps`` and decode it; also return the prior."""
+        """Encode, draw ``z = mu + exp(logvar / 2) * eps`` and decode it; also return the prior.
+
+        ``eps`` [B, D] may be drawn by the caller (outside a compiled region); otherwise it is
+        drawn here from ``generator``.
+        """
         mu, logvar = self.encode(fine, coarse, static)
         prior_mu, prior_logvar = self.prior(coarse, static)
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        if eps is None:
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         z = mu + torch.exp(0.5 * logvar) * eps
         return ForwardOutput(
             decoded=self.decode(z, coarse, static),

@@ -222,7 +222,7 @@ def compute_losses(
     cfg: LossConfig,
     normalizer: Normalizer,
     factor: int,
-    beta: float,
+    beta: float | Tensor,
     wet_threshold: float = 0.1,
 ) -> LossTerms:
     """All loss terms for one batch.

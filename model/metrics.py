@@ -5,7 +5,7 @@ observed fields, their validity mask and optionally the latent statistics) that 
 tensor on the same device. :func:`compute_metrics` evaluates any subset of the registry
 :data:`METRICS` and moves all results to the host in one transfer; intermediate results
 shared by several metrics (sorted pools, correlations, spectra) are computed once per
-:class:`EvalData`. Formulas and the reason for each metric: ``docs/metrics.md``.
+:class:`EvalData`. Formulas and the reason for each metric: README.md, "The metric formulas".
 
 Pooled computations work on fixed-shape tensors (excluded values padded with ``+inf`` and a
 count alongside) so that nothing waits on the device before the final transfer.

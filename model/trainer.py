@@ -30,6 +30,7 @@ from model.plots import plot_samples
 __all__ = [
     "EpochCallback",
     "EpochReport",
+    "StepLoss",
     "TrainResult",
     "TrainingDiverged",
     "build_model",
@@ -147,21 +148,24 @@ def train(
     t_start = time.perf_counter()
     device = resolve_device(cfg.train.device)
     bf16 = _use_bf16(cfg, device)
-    torch.manual_seed(cfg.train.seed)
     if data is None:
         data = load_data(cfg.data, cfg.normalization)
     data = data.to(device)
     cfg = replace(cfg, normalization=data.stats)
+    # Seeded after loading, so the weights do not depend on whether the data came cached.
+    torch.manual_seed(cfg.train.seed)
 
     model = build_model(cfg, data).to(device)
     opt = _optimizer(model, cfg, device)
-    forward = _compiled(model) if cfg.train.compile else model
+    step_loss = StepLoss(model, cfg, data)
+    loss_fn = _compiled(step_loss, device) if cfg.train.compile else step_loss
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
 
     train_split = data.train
     n = len(train_split)
     batch = min(cfg.train.batch_size, n)
     steps = n // batch  # drop the ragged tail: static shapes, and no tiny noisy last step
+    latent = cfg.model.latent_dim
     history: list[dict[str, float]] = []
     stopped: str | None = None
     t_train = time.perf_counter()
@@ -170,32 +174,21 @@ def train(
     for epoch in range(1, cfg.train.epochs + 1):
         t_epoch = time.perf_counter()
         beta = cfg.loss.beta_kl * kl_warmup_factor(epoch - 1, cfg.loss.kl_warmup_epochs)
+        beta_t = torch.tensor(beta, device=device)  # a tensor: a compiled step is not rebuilt per value
         sums = torch.zeros(len(LOSS_TERMS), device=device)
         perm = torch.randperm(n, device=device, generator=gen)
         model.train()
         for step in range(steps):
             idx = perm[step * batch : (step + 1) * batch]
-            fine, mask, coarse = train_split.fine[idx], train_split.mask[idx], train_split.coarse[idx]
-            cmass = None if train_split.coarse_mass is None else train_split.coarse_mass[idx]
+            eps = torch.randn(batch, latent, device=device, generator=gen)
             with autocast(device, bf16):
-                out = forward(fine, coarse, data.static, generator=gen)
-            terms = compute_losses(
-                out,
-                fine,
-                mask,
-                cmass,
-                cfg=cfg.loss,
-                normalizer=data.normalizer,
-                factor=data.factor,
-                beta=beta,
-                wet_threshold=cfg.eval.wet_threshold,
-            )
+                terms = loss_fn(idx, eps, beta_t)
             opt.zero_grad(set_to_none=True)
-            terms.total.backward()
+            terms[0].backward()
             if cfg.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             opt.step()
-            sums += torch.stack([getattr(terms, t).detach().float() for t in LOSS_TERMS])
+            sums += terms.detach()
         seen += steps * batch
         losses = dict(zip(LOSS_TERMS, (sums / steps).tolist(), strict=True))
         if not all(math.isfinite(v) for v in losses.values()):
@@ -247,22 +240,58 @@ def train(
     return result
 
 
-def _compiled(model: CVAE) -> Callable[..., object]:
-    """``torch.compile`` the forward pass, falling back to eager on the first failure."""
-    compiled = torch.compile(model)
-    state = {"fn": compiled}
+class StepLoss(torch.nn.Module):
+    """One training batch's loss terms, gathered by index from the device-resident split.
 
-    def forward(*args: object, **kwargs: object) -> object:
+    One module, so that ``torch.compile`` sees the gather, the model and every loss term
+    together and can fuse the elementwise work between them.
+    """
+
+    def __init__(self, model: CVAE, cfg: Config, data: Dataset) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.data = data
+
+    def forward(self, idx: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        split = self.data.train
+        fine, mask, coarse = split.fine[idx], split.mask[idx], split.coarse[idx]
+        cmass = None if split.coarse_mass is None else split.coarse_mass[idx]
+        out = self.model(fine, coarse, self.data.static, eps=eps)
+        terms = compute_losses(
+            out,
+            fine,
+            mask,
+            cmass,
+            cfg=self.cfg.loss,
+            normalizer=self.data.normalizer,
+            factor=self.data.factor,
+            beta=beta,
+            wet_threshold=self.cfg.eval.wet_threshold,
+        )
+        return torch.stack([getattr(terms, t).float() for t in LOSS_TERMS])
+
+
+def _compiled(fn: torch.nn.Module, device: torch.device) -> Callable[..., torch.Tensor]:
+    """``torch.compile`` ``fn``, falling back to eager on the first failure.
+
+    On CUDA the step is also captured as a CUDA graph (``reduce-overhead``): at these model
+    sizes kernel launches, not arithmetic, bound a step (measured in benchmarks/RESULTS.md).
+    """
+    compiled = torch.compile(fn, mode="reduce-overhead" if device.type == "cuda" else None)
+    state: dict[str, Callable[..., torch.Tensor]] = {"fn": compiled}
+
+    def call(*args: object) -> torch.Tensor:
         try:
-            return state["fn"](*args, **kwargs)
-        except Exception as e:  # any compiler failure: the eager model computes the same function
-            if state["fn"] is model:
+            return state["fn"](*args)
+        except Exception as e:  # any compiler failure: the eager module computes the same function
+            if state["fn"] is fn:
                 raise
             _log.warning("torch.compile failed (%s: %s); training eagerly", type(e).__name__, e)
-            state["fn"] = model
-            return model(*args, **kwargs)
+            state["fn"] = fn
+            return fn(*args)
 
-    return forward
+    return call
 
 
 def _write_outputs(

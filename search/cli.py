@@ -57,8 +57,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     width = max(len(k) for k in result.metrics)
     for name, value in result.metrics.items():
         print(f"{name:<{width}}  {value:.6g}")
-    print(f"\n{result.epochs_run} epochs on {result.device} ({result.precision}), "
-          f"{result.timings['samples_per_s']:,.0f} samples/s; outputs in {args.output}")  # fmt: skip
+    print(
+        f"\n{result.epochs_run} epochs on {result.device} ({result.precision}), "
+        f"{result.timings['samples_per_s']:,.0f} samples/s; outputs in {args.output}"
+    )
     return 0
 
 
@@ -87,8 +89,10 @@ def _cmd_create(args: argparse.Namespace) -> int:
     definition = load_definition(args.study)  # validated fully before the database is touched
     url = resolve_storage_url(args.storage)
     study = create_study(definition, open_storage(url))
-    print(f"study {study.study_name} ready in {redact(url)}: budget {definition.n_trials} trials, "
-          f"{len(definition.baselines)} baselines, digest {definition.digest()}")  # fmt: skip
+    print(
+        f"study {study.study_name} ready in {redact(url)}: budget {definition.n_trials} trials, "
+        f"{len(definition.baselines)} baselines, digest {definition.digest()}"
+    )
     return 0
 
 
@@ -184,8 +188,16 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     from search.storage import redact, resolve_storage_url
 
     url = resolve_storage_url(args.storage)
-    cmd = ["optuna-dashboard", url, "--host", args.host, "--port", str(args.port),
-           "--artifact-dir", _artifact_dir(args.artifact_dir)]  # fmt: skip
+    cmd = [
+        "optuna-dashboard",
+        url,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--artifact-dir",
+        _artifact_dir(args.artifact_dir),
+    ]
     print(f"optuna-dashboard on http://{args.host}:{args.port} for {redact(url)}", file=sys.stderr)
     os.execvp(cmd[0], cmd)
 
@@ -238,14 +250,18 @@ def _parser() -> argparse.ArgumentParser:
     storage(sp)
     sp.add_argument("--n-trials", type=int, help="stop each process after this many trials")
     sp.add_argument("--gpus", default="auto", help="auto (default), all, none, or a list like 0,1")
-    sp.add_argument("--per-gpu", type=int, default=int(os.environ.get("CVAE_SEARCH_PER_GPU", "1")),
-                    help="worker processes per GPU (default 1, or $CVAE_SEARCH_PER_GPU)")  # fmt: skip
+    sp.add_argument(
+        "--per-gpu",
+        type=int,
+        default=int(os.environ.get("CVAE_SEARCH_PER_GPU", "1")),
+        help="worker processes per GPU (default 1, or $CVAE_SEARCH_PER_GPU)",
+    )
     sp.add_argument("--processes", type=int, default=1, help="worker processes when on the CPU (default 1)")
     sp.add_argument("--study-file", help="refuse to run if this definition differs from the stored one")
     sp.add_argument(
         "--artifact-dir", help="artifact folder (default: $CVAE_SEARCH_ARTIFACTS or ./cvae-search-artifacts)"
     )
-    sp.add_argument("--worker-index", type=int, default=0, help="offset of this worker's sampler seed")
+    sp.add_argument("--worker-index", type=int, default=0, help="label of this process in the logs")
     sp.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
 
     for name, fn, text in (
@@ -260,9 +276,12 @@ def _parser() -> argparse.ArgumentParser:
     storage(sp)
     group = sp.add_mutually_exclusive_group()
     group.add_argument("--trial", type=int, help="export this trial number")
-    group.add_argument("--pick", default="knee",
-                       help="rule over the feasible Pareto front: knee (default), max:METRIC, min:METRIC, "
-                            "max:METRIC@OTHER<=BOUND")  # fmt: skip
+    group.add_argument(
+        "--pick",
+        default="knee",
+        help="rule over the feasible Pareto front: knee (default), max:METRIC, min:METRIC, "
+        "max:METRIC@OTHER<=BOUND",
+    )
     sp.add_argument("-o", "--output", required=True, help="YAML file to write")
     sp.add_argument("--verify", type=int, default=0, metavar="N", help="retrain with N other seeds first")
 

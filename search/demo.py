@@ -49,11 +49,15 @@ def run_demo(out: Path, *, workers: int = 2, study_file: Path = DEMO_STUDY) -> i
     artifacts = out / "artifacts"
 
     create_study(definition, open_storage(url))
-    print(f"study {definition.name}: {definition.n_trials} trials ({', '.join(definition.baselines)} first) "
-          f"over {workers} worker processes; this takes a few minutes on two CPU cores", flush=True)  # fmt: skip
+    print(
+        f"study {definition.name}: {definition.n_trials} trials ({', '.join(definition.baselines)} first) "
+        f"over {workers} worker processes; this takes a few minutes on two CPU cores",
+        flush=True,
+    )
     t0 = time.perf_counter()
     code = run_workers(
-        plan_processes("none", 1, workers), [definition.name, "--storage", url, "--artifact-dir", str(artifacts)]
+        plan_processes("none", 1, workers),
+        [definition.name, "--storage", url, "--artifact-dir", str(artifacts)],
     )
     if code != 0:
         print(f"demo: a worker process exited with status {code}")
@@ -68,11 +72,15 @@ def run_demo(out: Path, *, workers: int = 2, study_file: Path = DEMO_STUDY) -> i
     print()
     print(format_table(pareto_table(study, definition, picked=picked.number)))
     print()
-    baselines = {t.user_attrs["baseline"]: t for t in study.trials if t.user_attrs.get("baseline") and t.values}
+    baselines = {
+        t.user_attrs["baseline"]: t for t in study.trials if t.user_attrs.get("baseline") and t.values
+    }
     for name, trial in sorted(baselines.items()):
         verdict = "dominates" if _dominates(picked, trial, definition.directions) else "does not dominate"
-        print(f"the pick (trial {picked.number}) {verdict} baseline {name} (trial {trial.number}) "
-              f"on {' and '.join(definition.metric_names)}")  # fmt: skip
+        print(
+            f"the pick (trial {picked.number}) {verdict} baseline {name} (trial {trial.number}) "
+            f"on {' and '.join(definition.metric_names)}"
+        )
     print(f"\n{len(study.trials)} trials in {elapsed / 60:.1f} min. Written:")
     print(f"  storage    {url}")
     print(f"  artifacts  {artifacts}")

@@ -1,7 +1,8 @@
 """Where a study stands: trial counts against its budget, the feasible front, and live workers.
 
 Before counting, trials whose workers stopped beating are failed (and re-enqueued, within the
-study's retry limit) by Optuna's own :func:`~optuna.storages.fail_stale_trials`, so a dead
+study's retry limit) by Optuna's own :func:`~optuna.storages.fail_stale_trials` (through
+:func:`search.storage.reap_stale_trials`, under the study lock), so a dead
 worker's trial shows as failed rather than running forever.
 """
 
@@ -15,6 +16,7 @@ from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import TrialState
 
 from search.definition import StudyDefinition
+from search.storage import reap_stale_trials
 
 __all__ = ["FrontTrial", "RunningTrial", "StudyStatus", "format_status", "study_status"]
 
@@ -92,7 +94,7 @@ def study_status(study: optuna.Study, definition: StudyDefinition, storage: Base
         storage: The study's storage; heartbeats are read from it when it keeps them.
     """
     running_before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    optuna.storages.fail_stale_trials(study)
+    reap_stale_trials(study)
     trials = study.get_trials(deepcopy=False)
     failed_stale = sorted(
         t.number for t in trials if t.state == TrialState.FAIL and t.number in running_before

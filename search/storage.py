@@ -7,16 +7,21 @@ storage for many workers; ``grpc://host:port`` reaches one through Optuna's stor
 :class:`SearchStorage` is the RDB storage as cvae-search uses it:
 
 - connections are checked before use (``pool_pre_ping``; Optuna turns it on for MySQL only),
-  so a database restart or an idle connection dropped during a long epoch does not kill a
-  worker, and each process keeps a small bounded pool;
+  so an idle connection dropped during a long epoch does not kill a worker, and each process
+  keeps a small bounded pool;
+- a call that finds the database unreachable (a restart, a failover) is retried for up to
+  ``CVAE_SEARCH_RECONNECT`` seconds before the error is raised;
 - Optuna's heartbeat with a grace period marks the trials of dead workers stale, and
   :class:`~optuna.storages.RetryHeartbeatStaleTrialCallback` re-enqueues them with the same
-  parameters, up to the study's ``max_retries``;
+  parameters, up to the study's ``max_retries``; a trial beats from the moment it runs, so a
+  worker that dies before its heartbeat thread starts is found too;
 - a heartbeat sent as a trial system attribute (what a worker behind the gRPC proxy can
   send) is recorded as an Optuna heartbeat rather than stored;
 - creating a trial is refused with :class:`BudgetExhausted` once the study's budget of
   live trials (waiting, running, complete, pruned) is taken; the check and the insert happen
-  under a database lock, so any number of workers finish exactly the budget.
+  under the study's lock (a PostgreSQL advisory lock, a file lock for SQLite), so any number
+  of workers finish exactly the budget, and :func:`reap_stale_trials` fails a trial and
+  re-enqueues it under the same lock, so the retry cannot lose its place to a new trial.
 """
 
 from __future__ import annotations
@@ -113,12 +118,12 @@ class StorageSettings:
         # the budget lock while the trial row is inserted.
         self.pool_size = pool_size or int(env.get("CVAE_SEARCH_POOL_SIZE", "2"))
         self.connect_timeout = connect_timeout
+        # How long a storage call keeps retrying while the database is unreachable.
         self.reconnect_timeout = (
             reconnect_timeout
             if reconnect_timeout is not None
             else float(env.get("CVAE_SEARCH_RECONNECT", "120"))
         )
-        """Seconds a storage call keeps retrying while the database is unreachable."""
         if self.heartbeat_interval < 1 or self.grace_period <= self.heartbeat_interval:
             raise ValueError(
                 f"heartbeat: expected interval >= 1 s and grace > interval, got "
@@ -174,6 +179,7 @@ class SearchStorage(RDBStorage):
     (module docstring)."""
 
     def __init__(self, url: str, settings: StorageSettings | None = None) -> None:
+        url = resolve_storage_url(url)
         self.settings = settings or StorageSettings()
         self._local = threading.local()
         engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}

@@ -2,8 +2,10 @@
 
 A worker loop asks for a trial, trains it under a heartbeat, and tells the outcome. It
 uses ask/tell rather than ``study.optimize``, so it runs Optuna's liveness machinery itself:
-a heartbeat thread while a trial runs, and :func:`optuna.storages.fail_stale_trials` (which
-fails dead workers' trials and re-enqueues them) before every ask.
+a heartbeat thread while a trial runs, and :func:`search.storage.reap_stale_trials`
+(Optuna's ``fail_stale_trials``, which fails dead workers' trials and re-enqueues them) before
+every ask. Its sampler seed is offset by a slot the study hands each worker, so workers
+started separately (container replicas, a worker started again) do not repeat each other.
 
 ``run_workers`` starts one such process per GPU (``CUDA_VISIBLE_DEVICES`` set for each, K
 per GPU when asked) or N on the CPU, and forwards SIGTERM / Ctrl-C to them. A worker that
@@ -337,7 +339,7 @@ def run_workers(plans: Sequence[ProcessPlan], child_args: Sequence[str], *, inde
         stopping.set()
         for p in procs:
             if p.poll() is None:
-                pass
+                p.send_signal(signal.SIGTERM)
 
     # Installed before any child starts, so a stop during start-up reaches every child.
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -346,12 +348,23 @@ def run_workers(plans: Sequence[ProcessPlan], child_args: Sequence[str], *, inde
             if stopping.is_set():
                 break
             env = {**os.environ, **plan.env}
-            cmd = [sys.executable, "-m", "search.cli", "worker", *child_args, "--child",
-                   "--worker-index", str(index_offset + plan.index)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "search.cli",
+                "worker",
+                *child_args,
+                "--child",
+                "--worker-index",
+                str(index_offset + plan.index),
+            ]
             procs.append(subprocess.Popen(cmd, env=env))
         codes = [p.wait() for p in procs]
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    bad = [c for c in codes if c != 0]
+    # A child stopped by the forwarded SIGTERM before it could install its handler (still
+    # starting up) did what was asked.
+    stopped = -signal.SIGTERM if stopping.is_set() else 0
+    bad = [c for c in codes if c not in (0, stopped)]
     return bad[0] if bad else 0

@@ -143,9 +143,15 @@ def test_compose_config_resolves(tmp_path: Path) -> None:
 
     workers = services["workers"]
     assert workers["command"] == [
-        "worker", example["STUDY_NAME"], "--study-file", f"studies/{example['STUDY_FILE']}",
-        "--gpus", "all", "--per-gpu", "1",
-    ]  # fmt: skip
+        "worker",
+        example["STUDY_NAME"],
+        "--study-file",
+        f"studies/{example['STUDY_FILE']}",
+        "--gpus",
+        "all",
+        "--per-gpu",
+        "1",
+    ]
     assert workers["depends_on"] == {
         "db": {"condition": "service_healthy"},
         "create": {"condition": "service_completed_successfully"},
@@ -210,9 +216,10 @@ def test_worker_image_layout() -> None:
     match = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda[\d.]+-cudnn\d+-runtime", base)
     assert match, f"FROM {base}: expected a pinned pytorch/pytorch CUDA runtime tag"
     torch_spec = next(
-        d for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+        d
+        for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
         if d.startswith("torch")
-    )  # fmt: skip
+    )
     assert match.group(1) in SpecifierSet(torch_spec.removeprefix("torch")), (
         "the base's torch must satisfy pyproject"
     )
@@ -306,8 +313,12 @@ def test_service_commands_run_a_study(pg_url: str, tmp_path: Path) -> None:
     pg_isready = shutil.which("pg_isready")
     if pg_isready:  # the db health check, as the postgres image runs it
         check = _unescape(services["db"]["healthcheck"]["test"][1])
-        env = {**os.environ, **services["db"]["environment"],
-               "PGHOST": server.host or "127.0.0.1", "PGPORT": str(server.port or 5432)}  # fmt: skip
+        env = {
+            **os.environ,
+            **services["db"]["environment"],
+            "PGHOST": server.host or "127.0.0.1",
+            "PGPORT": str(server.port or 5432),
+        }
         assert subprocess.run(["sh", "-c", check], env=env, timeout=30).returncode == 0
 
     done = create.run(timeout=120)

@@ -18,6 +18,8 @@ from sqlalchemy.engine import make_url
 
 from search.cli import main
 from search.definition import load_definition
+from search.storage import open_storage
+from search.study import load_study
 from tests.conftest import CliProcesses
 
 pytestmark = pytest.mark.postgres
@@ -111,19 +113,16 @@ def test_a_worker_refuses_a_study_file_that_differs_from_the_stored_definition(
 
 
 def test_the_same_definition_from_another_folder_is_accepted(
-    tiny_study: Callable[..., Path], pg_url: str, tmp_path: Path, cli: CliProcesses
+    tiny_study: Callable[..., Path], pg_url: str, tmp_path: Path
 ) -> None:
     name = "moved-definition"
     stored = tiny_study(name, n_trials=3)
     assert main(["create", str(stored), "--storage", pg_url]) == 0
     copy = tmp_path / "elsewhere"
     shutil.copytree(stored.parent, copy)
-    assert load_definition(copy / "study.yaml").digest() == load_definition(stored).digest()
 
-    # A worker with the copy starts (and, told to run no trial, stops at once).
-    accepted = cli.run(
-        "worker", name, "--storage", pg_url, "--study-file", str(copy / "study.yaml"), "--n-trials", "0"
-    )
-
-    assert accepted.returncode == 0, accepted.stderr
-    assert optuna.load_study(study_name=name, storage=pg_url).trials == []
+    local = load_definition(copy / "study.yaml")
+    assert local.digest() == load_definition(stored).digest()
+    # What a worker given --study-file checks before it runs anything.
+    study, definition = load_study(name, open_storage(pg_url), local=local)
+    assert definition.digest() == local.digest() and study.trials == []

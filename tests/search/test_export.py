@@ -251,11 +251,12 @@ def tiny_config(data_path: Path) -> Config:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[optuna.Study, StudyDefinition, FrozenTrial]:
     """One real trial of a tiny study, run as a worker runs it (ask, objective, tell)."""
     tmp = tmp_path_factory.mktemp("trained")
-    # Zero floors: the collapse probe runs every epoch (as in a real study) but never stops training.
+    # Floors no probe can fall below (z_usage may be slightly negative): the probe runs every
+    # epoch, as in a real study, but never stops training.
     definition = make_definition(
         base=tiny_config(tmp / "synthetic.nc"),
         space={"loss.beta_kl": Param("float", 0.01, 0.2, log=True), "train.lr": Param("float", 1e-3, 3e-3)},
-        collapse=Collapse(after_epoch=1, min_spread_norm=0.0, min_z_usage=0.0),
+        collapse=Collapse(after_epoch=1, min_spread_norm=-1.0, min_z_usage=-1e9),
     )
     study = new_study(definition, sqlite_storage(tmp)[1])
     trial = study.ask()

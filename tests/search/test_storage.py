@@ -31,6 +31,11 @@ from search.storage import (
 )
 from search.study import claim_worker_slot
 
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed:UserWarning"),
+]
+
 FAST = StorageSettings(heartbeat_interval=1, grace_period=2)
 X = optuna.distributions.FloatDistribution(0.0, 1.0)
 
