@@ -2,7 +2,7 @@
 
 Each needs PostgreSQL (``$CVAE_SEARCH_BENCH_PG``, default ``postgresql://postgres@127.0.0.1:5432/postgres``)
 except the efficiency benchmark, and waits for a quiet machine before it measures. The full
-sizes, as reported in benchmarks/RESULTS_CPU.md, are each module's defaults:
+sizes, as reported in benchmarks/RESULTS.md, are each module's defaults:
 
     python -m benchmarks.search_overhead
     python -m benchmarks.scale_out

@@ -435,6 +435,7 @@ def run_efficiency(
     """Every sampler x worker count x seed on the cached surrogate; the rows and the printed report."""
     if "random" not in samplers:
         raise ValueError("samplers: random search is the baseline; include it")
+    _quiet()
     checkpoints = sorted(
         {c for c in (checkpoints or (budget // 4, budget // 2)) if 0 < c < budget} | {budget}
     )
@@ -452,7 +453,6 @@ def run_efficiency(
         with ProcessPoolExecutor(jobs) as pool:
             runs = list(pool.map(_run_one, tasks))
     else:
-        _quiet()
         runs = [run_search(*t) for t in tasks]
     rows = summarize(runs, checkpoints)
     best = surrogate.front_hypervolume(definition)

@@ -28,10 +28,11 @@ def versions() -> dict[str, str]:
 
     from model import __version__
 
+    # Plain str: torch.__version__ is a str subclass that ``torch.load(weights_only=True)`` refuses.
     return {
         "cvae_search": __version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "numpy": numpy.__version__,
         "xarray": xarray.__version__,
     }

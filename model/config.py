@@ -34,6 +34,7 @@ __all__ = [
     "config_to_dict",
     "load_config",
     "parse_dataclass",
+    "read_yaml",
     "save_config",
     "get_field",
     "with_overrides",
@@ -385,20 +386,30 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def load_config(path: str | Path) -> Config:
-    """Load a YAML config. A top-level ``provenance`` block (from export) is ignored here."""
+def read_yaml(path: str | Path, what: str = "file") -> dict[str, Any]:
+    """The top-level mapping of a YAML file (empty for an empty file); errors name the file."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError as e:
-        raise ConfigError(f"{path}: no such file") from e
+        raise ConfigError(f"{path}: no such {what}") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__}: {e})") from e
+        # PyYAML's message spans several lines (it quotes the offending text); keep one.
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from e
     if raw is None:
-        raw = {}
+        return {}
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    raw = {k: v for k, v in raw.items() if k != "provenance"}
+    return dict(raw)
+
+
+def load_config(path: str | Path) -> Config:
+    """Load a YAML config. A top-level ``provenance`` block (from export) is ignored here."""
+    raw = read_yaml(path)
+    raw.pop("provenance", None)
     return config_from_dict(raw, str(path))
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import optuna
-import yaml
 
 from model.config import (
     Config,
@@ -27,6 +26,7 @@ from model.config import (
     get_field,
     load_config,
     parse_dataclass,
+    read_yaml,
     with_overrides,
 )
 from model.metrics import METRICS
@@ -267,13 +267,7 @@ def load_definition(path: str | Path) -> StudyDefinition:
     """Parse and fully validate a study file."""
     path = Path(path)
     source = str(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError as e:
-        raise ConfigError(f"{path}: no such study file") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    spec = parse_dataclass(_StudyFile, raw if raw is not None else {}, source)
+    spec = parse_dataclass(_StudyFile, read_yaml(path, "study file"), source)
 
     base = with_overrides(_resolve_config(path, spec.base, "base"), spec.overrides, f"{source}: overrides")
     for name, param in spec.space.items():

@@ -45,13 +45,20 @@ def test_search_overhead_prints_both_variants_with_every_phase(pg_url: str, synt
 
     columns = ["variant", "trials", "ms_per_trial", "spread_ms", "vs_raw", "of_40s_trial", *PHASES, "other"]
     printed = table_rows(text, columns)
-    assert [r["variant"] for r in rows] == ["raw optuna (suggest only)", "our worker loop"]
-    assert len(printed) == 2
+    assert [r["variant"] for r in rows] == [
+        "raw optuna (suggest only)",
+        "raw optuna + same records",
+        "our worker loop",
+    ]
+    assert [r[0] for r in printed] == [r["variant"] for r in rows]
     assert all(r["trials"] == 3 for r in rows)
     assert rows[0]["vs_raw"] == pytest.approx(1.0)
-    # Our loop goes through every phase the split names; raw Optuna records nothing.
-    assert all(rows[1][p] > 0 for p in ("ask", "sample", "constraints", "attrs", "artifacts", "tell"))
-    assert rows[0]["attrs"] == rows[0]["artifacts"] == 0
+    # Our loop and the recording baseline go through every phase the split names; the bare
+    # baseline records nothing, and only our loop reaps, counts and beats.
+    for row in rows[1:]:
+        assert all(row[p] > 0 for p in ("ask", "sample", "constraints", "attrs", "artifacts", "tell"))
+    assert rows[0]["attrs"] == rows[0]["artifacts"] == rows[0]["constraints"] == 0
+    assert rows[1]["heartbeat"] == rows[1]["reap"] == 0 < rows[2]["heartbeat"]
     assert "target <= 1.5" in text and "target < 1%" in text
 
 
