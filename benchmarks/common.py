@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from model.config import Config, config_from_dict
 
-__all__ = ["production_config", "table"]
+__all__ = ["production_config", "table", "write_json"]
 
 
 def production_config(days: int = 4000) -> Config:
@@ -46,3 +48,9 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def write_json(path: str | None, payload: Any) -> None:
+    """Write a benchmark's raw output to ``path`` (its ``--json``), if one was given."""
+    if path:
+        Path(path).write_text(json.dumps(payload, indent=2))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -16,7 +15,7 @@ from dataclasses import replace
 import scipy.stats
 import torch
 
-from benchmarks.common import production_config, table
+from benchmarks.common import production_config, table, write_json
 from model.config import with_overrides
 from model.data import load_data
 from model.evaluate import evaluate
@@ -92,11 +91,7 @@ def main() -> None:
     )
     print(table(rows, ["what", "seconds", "vs_gpu"]))
     print(f"evaluation share of a default trial: {share:.2%} (target <= 5%)")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(
-                {"rows": rows, "eval_share": share, "pooled": [int(wg.size), int(wo.size)]}, fh, indent=2
-            )
+    write_json(args.json, {"rows": rows, "eval_share": share, "pooled": [int(wg.size), int(wo.size)]})
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ production-like config, and reports its steady-state samples/s and peak memory. 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import shutil
@@ -21,7 +20,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from benchmarks.common import production_config, table
+from benchmarks.common import production_config, table, write_json
 
 
 def _worker(k: int, barrier: Any, queue: Any, batch: int, epochs: int, compile_: bool) -> None:
@@ -125,9 +124,7 @@ def main() -> None:
         f"\ntrials per GPU: batch {args.batch}, compile {args.compile}; target >= 1.5x aggregate over K = 1"
     )
     print(table(rows, ["mode", "k", "aggregate_samples_per_s", "vs_k1", "peak_gib_per_process", "note"]))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import logging
 import os
 import signal
@@ -36,7 +35,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import table
+from benchmarks.common import table, write_json
 from benchmarks.search_overhead import (
     StandInTrainer,
     bench_database,
@@ -355,8 +354,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         max_wait_s=args.max_wait,
     )
     print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2))
+    write_json(args.json, {"rows": rows})
 
 
 if __name__ == "__main__":

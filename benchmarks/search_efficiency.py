@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import optuna
 
-from benchmarks.common import table
+from benchmarks.common import table, write_json
 from model.config import with_overrides
 from search.definition import Param, StudyDefinition, load_definition
 from search.objective import COLLAPSE_CONSTRAINT, TrialObjective, suggest
@@ -498,8 +498,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cache=args.cache,
     )
     print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2))
+    write_json(args.json, {"rows": rows})
 
 
 if __name__ == "__main__":

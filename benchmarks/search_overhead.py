@@ -53,7 +53,7 @@ from optuna.artifacts import FileSystemArtifactStore
 
 import search.objective
 import search.worker
-from benchmarks.common import table
+from benchmarks.common import table, write_json
 from model.checkpoint import versions
 from model.config import Config, config_from_dict, get_field, save_config
 from model.metrics import METRICS
@@ -592,8 +592,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         trials=args.trials, repeats=args.repeats, sampler=args.sampler, max_wait_s=args.max_wait
     )
     print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2))
+    write_json(args.json, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ FLOP counter on one training step.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
 
@@ -20,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import production_config, table
+from benchmarks.common import production_config, table, write_json
 from model.config import Config, with_overrides
 from model.data import Dataset, load_data
 from model.losses import compute_losses
@@ -135,9 +134,7 @@ def main() -> None:
         f"{len(data.train)} training fields on the GPU; target >= 2x the plain loop"
     )
     print(table(rows, ["batch", "variant", "samples_per_s", "tflops", "vs_plain", "peak_gib"]))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": name, "terms": list(LOSS_TERMS), "rows": rows}, fh, indent=2)
+    write_json(args.json, {"device": name, "terms": list(LOSS_TERMS), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ the posterior has collapsed.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.common import table
+from benchmarks.common import table, write_json
 from model.config import Config, load_config, with_overrides
 from model.trainer import train
 
@@ -101,8 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     rows, text = run_v3_v4(args.size, args.epochs)
     print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"size": args.size, "rows": rows}, indent=2))
+    write_json(args.json, {"size": args.size, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -57,6 +57,15 @@ def pg_url() -> Iterator[str]:
         admin.close()
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A synthetic-data cache of the test module's own, set in this process's environment."""
+    folder = tmp_path_factory.mktemp("synthetic-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CVAE_SEARCH_CACHE", str(folder))
+        yield folder
+
+
 # --- search service processes -------------------------------------------------------------------
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

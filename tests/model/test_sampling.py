@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +19,6 @@ def tiny(with_mask: bool = False) -> Config:
     """The tiny training config (16x16 synthetic grid, 96 days), without the sample figure."""
     raw = _tiny_config(2, {"eval.plot_days": 0, "data.synthetic.with_mask": with_mask})
     return config_from_dict(raw, "tiny")
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    folder = tmp_path_factory.mktemp("synthetic-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CVAE_SEARCH_CACHE", str(folder))
-        yield folder
 
 
 def _checkpoint(tmp_path_factory: pytest.TempPathFactory, with_mask: bool) -> Path:

@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,14 +38,6 @@ class Trained:
     result: TrainResult
     out: Path
     reports: list[EpochReport]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    folder = tmp_path_factory.mktemp("synthetic-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CVAE_SEARCH_CACHE", str(folder))
-        yield folder
 
 
 @pytest.fixture(scope="module")
