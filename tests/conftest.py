@@ -166,7 +166,7 @@ def cli(search_env: dict[str, str], tmp_path: Path) -> Iterator[CliProcesses]:
         processes.close()
 
 
-def _tiny_config(epochs: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def tiny_config_dict(epochs: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """About a second of training on the CPU (a 16x16 synthetic grid, factor 4)."""
     cfg: dict[str, Any] = {
         "data": {
@@ -207,7 +207,7 @@ def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         **fields: Any,
     ) -> Path:
         folder = tmp_path_factory.mktemp(name)
-        (folder / "tiny.yaml").write_text(yaml.safe_dump(_tiny_config(epochs)))
+        (folder / "tiny.yaml").write_text(yaml.safe_dump(tiny_config_dict(epochs)))
         study: dict[str, Any] = {
             "name": name,
             "base": "tiny.yaml",
@@ -220,7 +220,7 @@ def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
             "baselines": [],
         }
         for b, overrides in (baselines or {}).items():
-            (folder / f"{b}.yaml").write_text(yaml.safe_dump(_tiny_config(epochs, overrides)))
+            (folder / f"{b}.yaml").write_text(yaml.safe_dump(tiny_config_dict(epochs, overrides)))
             study["baselines"].append({"name": b, "config": f"{b}.yaml"})
         study.update(fields)
         path = folder / "study.yaml"

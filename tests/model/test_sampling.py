@@ -12,12 +12,12 @@ from model.data import load_data
 from model.sampling import write_samples
 from model.synthetic import synthetic_path
 from model.trainer import train
-from tests.conftest import _tiny_config
+from tests.conftest import tiny_config_dict
 
 
 def tiny(with_mask: bool = False) -> Config:
     """The tiny training config (16x16 synthetic grid, 96 days), without the sample figure."""
-    raw = _tiny_config(2, {"eval.plot_days": 0, "data.synthetic.with_mask": with_mask})
+    raw = tiny_config_dict(2, {"eval.plot_days": 0, "data.synthetic.with_mask": with_mask})
     return config_from_dict(raw, "tiny")
 
 

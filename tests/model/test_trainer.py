@@ -16,14 +16,14 @@ from model.data import load_data
 from model.evaluate import evaluate
 from model.metrics import METRICS
 from model.trainer import EpochReport, TrainingDiverged, TrainResult, train
-from tests.conftest import _tiny_config
+from tests.conftest import tiny_config_dict
 
 LOSS_TERMS = {"total", "recon", "kl", "kl_raw", "grad", "mass"}
 
 
 def tiny_config(**overrides: Any) -> Config:
     """About a second of training on the CPU: a 16x16 synthetic grid, factor 4, two epochs."""
-    return config_from_dict(_tiny_config(2, overrides), "tiny")
+    return config_from_dict(tiny_config_dict(2, overrides), "tiny")
 
 
 def same(a: dict[str, float], b: dict[str, float]) -> bool:

@@ -11,7 +11,7 @@ import yaml
 
 from model.config import load_config
 from model.metrics import METRICS
-from tests.conftest import CliProcesses, _tiny_config
+from tests.conftest import CliProcesses, tiny_config_dict
 
 
 def _error_line(stderr: str) -> str:
@@ -22,7 +22,7 @@ def _error_line(stderr: str) -> str:
 
 def test_train_then_sample(cli: CliProcesses, tmp_path: Path) -> None:
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(_tiny_config(epochs=3)))
+    config.write_text(yaml.safe_dump(tiny_config_dict(epochs=3)))
 
     run = cli.run("train", str(config), "-o", "run", "--set", "train.epochs=1")
     assert run.returncode == 0, run.stderr
@@ -50,7 +50,7 @@ def test_train_then_sample(cli: CliProcesses, tmp_path: Path) -> None:
 
 
 def test_bad_config_file_is_a_usage_error_naming_file_and_field(cli: CliProcesses, tmp_path: Path) -> None:
-    raw = _tiny_config(epochs=1)
+    raw = tiny_config_dict(epochs=1)
     raw["model"]["latent_dim"] = "eight"
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -65,7 +65,7 @@ def test_bad_config_file_is_a_usage_error_naming_file_and_field(cli: CliProcesse
 
 def test_unknown_set_field_is_a_usage_error(cli: CliProcesses, tmp_path: Path) -> None:
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(_tiny_config(epochs=1)))
+    config.write_text(yaml.safe_dump(tiny_config_dict(epochs=1)))
 
     run = cli.run("train", str(config), "-o", "run", "--set", "loss.beta=0.1")
     assert run.returncode == 2
