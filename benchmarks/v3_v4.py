@@ -19,10 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from benchmarks.common import table, write_json
-from model.config import Config, load_config, with_overrides
+from model.config import Config, load_config, read_yaml, with_overrides
 from model.trainer import train
 
 __all__ = ["COLUMNS", "run_v3_v4", "settings"]
@@ -55,7 +53,7 @@ def settings(size: str = "tiny", epochs: int | None = None) -> dict[str, Config]
     overrides: dict[str, Any] = {"train.save_checkpoint": False, "eval.plot_days": 0}
     if size == "tiny":
         study = REPO / "studies" / "tiny.yaml"
-        overrides = {**yaml.safe_load(study.read_text())["overrides"], **overrides}
+        overrides = {**read_yaml(study, "study file")["overrides"], **overrides}
     if epochs is not None:
         overrides["train.epochs"] = epochs
     return {
