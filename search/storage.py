@@ -14,7 +14,9 @@ storage for many workers; ``grpc://host:port`` reaches one through Optuna's stor
 - Optuna's heartbeat with a grace period marks the trials of dead workers stale, and
   :class:`~optuna.storages.RetryHeartbeatStaleTrialCallback` re-enqueues them with the same
   parameters, up to the study's ``max_retries``; a trial beats from the moment it runs, so a
-  worker that dies before its heartbeat thread starts is found too;
+  worker that dies before its heartbeat thread starts is found too, and a running trial that
+  never beat at all (a creation whose reply was lost and which was made again on reconnect)
+  is stale once this process has seen it silent for longer than the grace period;
 - a heartbeat sent as a trial system attribute (what a worker behind the gRPC proxy can
   send) is recorded as an Optuna heartbeat rather than stored;
 - creating a trial is refused with :class:`BudgetExhausted` once the study's budget of
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import fcntl
 import functools
 import logging
@@ -182,6 +185,8 @@ class SearchStorage(RDBStorage):
         url = resolve_storage_url(url)
         self.settings = settings or StorageSettings()
         self._local = threading.local()
+        self._silent_since: dict[int, float] = {}
+        self._silent_lock = threading.Lock()
         engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
         if url.startswith("postgresql"):
             engine_kwargs.update(
@@ -203,12 +208,13 @@ class SearchStorage(RDBStorage):
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
-        del state["_local"]
+        del state["_local"], state["_silent_lock"]
         return state
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
         super().__setstate__(state)
         self._local = threading.local()
+        self._silent_lock = threading.Lock()
 
     def _reconnecting(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run one storage call, retrying it while the database is unreachable.
@@ -262,6 +268,42 @@ class SearchStorage(RDBStorage):
         if trial.state == TrialState.RUNNING:
             self._first_heartbeat(trial._trial_id)
         return trial
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        """Optuna's stale trials (last heartbeat older than the grace period), and the running
+        trials that never beat and have stayed silent, as this process saw them, that long.
+
+        Every trial this storage starts beats at once, so a silent one has no worker: its
+        creation committed but the reply was lost, and the worker made it again on reconnect.
+        Optuna's rule never finds such a trial, which would hold a place of the budget forever.
+        The silence is timed on this process's clock, since the trial's start time comes from
+        another machine's.
+        """
+        with _create_scoped_session(self.scoped_session) as session:
+            now_db = session.execute(sqlalchemy.func.now()).scalar()
+            rows = (
+                session.query(models.TrialModel.trial_id, models.TrialHeartbeatModel.heartbeat)
+                .outerjoin(
+                    models.TrialHeartbeatModel,
+                    models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id,
+                )
+                .filter(models.TrialModel.study_id == study_id, models.TrialModel.state == TrialState.RUNNING)
+                .all()
+            )
+        assert now_db is not None and self.grace_period is not None
+        now_db = now_db.replace(tzinfo=None)  # as Optuna does: PostgreSQL returns an aware time
+        grace = datetime.timedelta(seconds=self.grace_period)
+        stale = [trial_id for trial_id, beat in rows if beat is not None and now_db - beat > grace]
+        silent = {trial_id for trial_id, beat in rows if beat is None}
+        now = time.monotonic()
+        with self._silent_lock:
+            seen = self._silent_since
+            for trial_id in set(seen) - silent:
+                del seen[trial_id]
+            for trial_id in silent:
+                seen.setdefault(trial_id, now)
+            stale += sorted(t for t in silent if now - seen[t] > self.grace_period)
+        return stale
 
     def _first_heartbeat(self, trial_id: int) -> None:
         # Optuna never finds a running trial stale until it has a heartbeat: without this one,

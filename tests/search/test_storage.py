@@ -190,6 +190,31 @@ def test_a_running_trial_beats_from_its_start_so_a_dead_worker_is_always_found(
     assert retries[created.number].params == {"x": created.params["x"]}
 
 
+def test_a_trial_that_never_beat_is_stale_once_seen_silent_past_the_grace_period(
+    pg_url: str, storage: SearchStorage, new_study: Callable[..., optuna.Study]
+) -> None:
+    # A creation whose reply was lost and which the worker made again on reconnect leaves a
+    # running trial that never beats; a plain RDB storage creates one the same way.
+    study = new_study(budget=3, max_retries=1)
+    plain = optuna.load_study(study_name=study.study_name, storage=optuna.storages.RDBStorage(pg_url))
+    silent = plain.ask({"x": X})
+    assert heartbeat_of(storage, silent._trial_id) is None
+
+    reap_stale_trials(study)  # first seen silent: not stale yet
+    assert study.get_trials()[0].state == TrialState.RUNNING
+
+    time.sleep(FAST.grace_period + 0.5)
+    beating = study.ask()  # started since, beating: not stale
+    reap_stale_trials(study)
+
+    trials = study.get_trials()
+    assert [t.state for t in trials[:2]] == [TrialState.FAIL, TrialState.RUNNING]
+    assert trials[1].number == beating.number
+    (retry,) = trials[2:]
+    assert retry.state == TrialState.WAITING and retry.system_attrs["failed_trial"] == silent.number
+    assert retry.params == silent.params
+
+
 def test_a_retry_starts_clean_and_respects_the_studys_retry_limit(
     storage: SearchStorage, new_study: Callable[..., optuna.Study]
 ) -> None:
