@@ -10,26 +10,16 @@ import shutil
 import time
 from pathlib import Path
 
-import optuna
-
 from search.definition import load_definition
 from search.export import export_trial, pick_trial
-from search.report import format_table, pareto_table, write_report
+from search.report import dominates, format_table, pareto_table, write_report
 from search.storage import open_storage
-from search.study import create_study, load_study
+from search.study import BASELINE_ATTR, create_study, load_study
 from search.worker import plan_processes, run_workers
 
 __all__ = ["DEMO_STUDY", "run_demo"]
 
 DEMO_STUDY = Path(__file__).resolve().parents[1] / "studies" / "tiny.yaml"
-
-
-def _dominates(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial, directions: list[str]) -> bool:
-    assert a.values is not None and b.values is not None
-    signs = [1.0 if d == "minimize" else -1.0 for d in directions]
-    av = [s * v for s, v in zip(signs, a.values, strict=True)]
-    bv = [s * v for s, v in zip(signs, b.values, strict=True)]
-    return all(x <= y for x, y in zip(av, bv, strict=True)) and av != bv
 
 
 def run_demo(out: Path, *, workers: int = 2, study_file: Path = DEMO_STUDY) -> int:
@@ -48,7 +38,8 @@ def run_demo(out: Path, *, workers: int = 2, study_file: Path = DEMO_STUDY) -> i
     url = f"sqlite:///{out / 'study.db'}"
     artifacts = out / "artifacts"
 
-    create_study(definition, open_storage(url))
+    storage = open_storage(url)
+    create_study(definition, storage)
     print(
         f"study {definition.name}: {definition.n_trials} trials ({', '.join(definition.baselines)} first) "
         f"over {workers} worker processes; this takes a few minutes on two CPU cores",
@@ -64,7 +55,7 @@ def run_demo(out: Path, *, workers: int = 2, study_file: Path = DEMO_STUDY) -> i
         return code
     elapsed = time.perf_counter() - t0
 
-    study, definition = load_study(definition.name, open_storage(url))
+    study, definition = load_study(definition.name, storage)
     picked = pick_trial(study, definition, "knee")
     files = write_report(study, definition, out / "report", picked=picked.number)
     best = export_trial(study, definition, picked, out / "best.yaml", storage_url=url, rule="knee")
@@ -73,10 +64,10 @@ def run_demo(out: Path, *, workers: int = 2, study_file: Path = DEMO_STUDY) -> i
     print(format_table(pareto_table(study, definition, picked=picked.number)))
     print()
     baselines = {
-        t.user_attrs["baseline"]: t for t in study.trials if t.user_attrs.get("baseline") and t.values
+        t.user_attrs[BASELINE_ATTR]: t for t in study.trials if t.user_attrs.get(BASELINE_ATTR) and t.values
     }
     for name, trial in sorted(baselines.items()):
-        verdict = "dominates" if _dominates(picked, trial, definition.directions) else "does not dominate"
+        verdict = "dominates" if dominates(definition, picked, trial) else "does not dominate"
         print(
             f"the pick (trial {picked.number}) {verdict} baseline {name} (trial {trial.number}) "
             f"on {' and '.join(definition.metric_names)}"

@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search.definition import StudyDefinition
 from search.study import BASELINE_ATTR
 
-__all__ = ["format_table", "hypervolume_history", "pareto_table", "write_report"]
+__all__ = ["dominates", "format_table", "hypervolume_history", "pareto_table", "write_report"]
 
 _log = logging.getLogger(__name__)
 
@@ -41,6 +41,17 @@ def _signs(definition: StudyDefinition) -> np.ndarray:
     return np.array([-1.0 if d == "maximize" else 1.0 for d in definition.directions])
 
 
+def _dominates(p: np.ndarray, q: np.ndarray) -> bool:
+    """In minimisation orientation: ``p`` is no worse than ``q`` anywhere and better somewhere."""
+    return bool(np.all(p <= q) and np.any(p < q))
+
+
+def dominates(definition: StudyDefinition, a: FrozenTrial, b: FrozenTrial) -> bool:
+    """Trial ``a`` is at least as good as ``b`` on every objective and better on one."""
+    signs = _signs(definition)
+    return _dominates(signs * np.asarray(a.values), signs * np.asarray(b.values))
+
+
 def _layers(
     definition: StudyDefinition, trials: Sequence[FrozenTrial], depth: int
 ) -> list[list[FrozenTrial]]:
@@ -49,8 +60,7 @@ def _layers(
     rest = [(t, signs * np.asarray(t.values)) for t in trials]
     layers: list[list[FrozenTrial]] = []
     while rest and len(layers) < depth:
-        front = [(t, p) for t, p in rest if not any(np.all(q <= p) and np.any(q < p) for _, q in rest)]
-        layers.append([t for t, _ in front])
+        layers.append([t for t, p in rest if not any(_dominates(q, p) for _, q in rest)])
         kept = {t.number for t in layers[-1]}
         rest = [(t, p) for t, p in rest if t.number not in kept]
     return layers

@@ -118,7 +118,6 @@ def load_study(
     storage: BaseStorage,
     *,
     local: StudyDefinition | None = None,
-    worker_index: int = 0,
 ) -> tuple[optuna.Study, StudyDefinition]:
     """Load study ``name`` with the sampler its stored definition names.
 
@@ -126,12 +125,11 @@ def load_study(
         name: Study name.
         storage: An opened storage.
         local: A definition read from a local file; refused if it differs from the stored one.
-        worker_index: Offsets the sampler seed (see :func:`search.samplers.make_sampler`).
     """
     definition = stored_definition(storage, name)
     if local is not None:
         _check_same(local, definition)
-    study = optuna.load_study(study_name=name, storage=storage, sampler=definition.make_sampler(worker_index))
+    study = optuna.load_study(study_name=name, storage=storage, sampler=definition.make_sampler())
     return study, definition
 
 

@@ -10,7 +10,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search.definition import StudyDefinition
-from search.report import format_table, hypervolume_history, pareto_table, write_report
+from search.report import dominates, format_table, hypervolume_history, pareto_table, write_report
 from tests.search.constructed_studies import (
     COLLAPSE,
     MASS,
@@ -208,3 +208,13 @@ def test_a_picked_trial_off_the_table_is_added(story: tuple) -> None:
     rows = pareto_table(study, definition, picked=n["infeasible"])
     assert rows[-1]["trial"] == n["infeasible"] and rows[-1]["picked"]
     assert format_table([]) == "no complete trials yet"
+
+
+def test_dominance_follows_each_objectives_direction(story: tuple) -> None:
+    study, definition, n = story
+    trial = {name: study.trials[number] for name, number in n.items()}
+    assert dominates(definition, trial["good"], trial["behind"])  # more diverse and lower KS
+    assert not dominates(definition, trial["behind"], trial["good"])
+    assert dominates(definition, trial["pick"], trial["v4"])  # more diverse, KS lower
+    assert not dominates(definition, trial["pick"], trial["good"])  # lower KS, less diverse
+    assert not dominates(definition, trial["pick"], trial["pick"])  # equal is not better
