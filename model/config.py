@@ -126,8 +126,13 @@ class ModelConfig:
     """How the encoder summarises the fine field: ``grid`` pools to the coarse grid, keeping
     where fine-scale structure lies; ``global`` averages it away (a common encoder that leaves
     z little to say, and so collapses easily)."""
-    output: Literal["regression", "hurdle"] = "regression"
-    """``hurdle``: a wet-probability head plus an intensity head (zero-inflated output)."""
+    output: Literal["regression", "hurdle", "copula"] = "regression"
+    """``hurdle``: a wet-probability head plus an intensity head (zero-inflated output).
+    ``copula``: per-cell wet probability, intensity mean and spread, drawn jointly through a
+    spatially correlated Gaussian field (see ``model.cvae``)."""
+    noise_length: float = _num(1.5, 0.0, lo_open=True)
+    """``copula`` only: correlation length, in fine cells, of the field that draws each sample's
+    fine-scale rain (the Gaussian filter's standard deviation)."""
     prior: Literal["standard", "learned"] = "standard"
     """``learned``: a conditional prior p(z | coarse) (Sohn et al. 2015)."""
 

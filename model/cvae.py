@@ -20,6 +20,21 @@ Output heads (``ModelConfig.output``):
   ``where(sigmoid(logit) > 0.5, intensity, dry_value)``. Occurrence is thresholded rather
   than drawn per cell: independent Bernoulli draws per cell would scatter salt-and-pepper
   rain, while the sample-to-sample variability belongs in ``z``, which moves whole rain areas.
+* ``copula``: a wet-probability logit, and the mean and log standard deviation of a Gaussian
+  model-space intensity, per cell. A sample draws one Gaussian field ``u`` with unit variance
+  and correlation length ``noise_length`` (a Gaussian filter applied to white noise on the
+  periodic grid) and reads both occurrence and intensity from it, a Gaussian copula:
+
+      wet where Phi(u) > 1 - p;   intensity = F^-1((Phi(u) - (1 - p)) / p)
+
+  with ``F`` the intensity's distribution: a Gaussian(mean, sigma) truncated below the wet
+  threshold (``wet_value``), which lets it pile up light rain just above the threshold as a
+  gamma-like intensity does in log space;
+  each cell's draw follows its own predicted distribution, rain comes in coherent patches,
+  and the light rain lies at the patches' edges with the heaviest in their cores, as observed.
+  ``z`` still places the rain areas; the field adds the fine-scale detail a coarse cell leaves
+  open, which a decoder trained on a mean cannot draw (it smooths it into drizzle). Without a
+  generator (``reconstruct_mean``, training) the field is the median: ``mean`` where p > 0.5.
 
 Priors (``ModelConfig.prior``): ``standard`` is N(0, I); ``learned`` is a small network on
 the coarse (and pooled static) inputs giving a diagonal Gaussian p(z | coarse) (Sohn et al.
@@ -43,10 +58,12 @@ from torch import Tensor, nn
 
 from model.config import ConfigError, ModelConfig, config_from_dict
 
-__all__ = ["CVAE", "DecoderOutput", "ForwardOutput"]
+__all__ = ["CVAE", "DecoderOutput", "ForwardOutput", "correlated_noise"]
 
 LOGVAR_MIN = -30.0
 LOGVAR_MAX = 20.0
+LOG_SIGMA_MIN = -7.0
+LOG_SIGMA_MAX = 3.0
 _N_ENCODER_STAGES = 3
 
 
@@ -58,12 +75,14 @@ class DecoderOutput:
         field: [B, 1, H, W] the generated model-space field.
         mean: [B, 1, H, W] differentiable model-space prediction for the reconstruction loss
             (the regression output, or the hurdle intensity).
-        wet_logit: [B, 1, H, W] wet-probability logit (hurdle only, else ``None``).
+        wet_logit: [B, 1, H, W] wet-probability logit (hurdle and copula, else ``None``).
+        log_sigma: [B, 1, H, W] log standard deviation of the intensity (copula, else ``None``).
     """
 
     field: Tensor
     mean: Tensor
     wet_logit: Tensor | None
+    log_sigma: Tensor | None = None
 
 
 @dataclass
@@ -117,6 +136,23 @@ def _res_stack(channels: int, n_blocks: int) -> nn.Sequential:
     return nn.Sequential(*[_ResBlock(channels) for _ in range(n_blocks)])
 
 
+def correlated_noise(
+    shape: torch.Size | tuple[int, ...],
+    length: float,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> Tensor:
+    """Gaussian fields with unit variance and a Gaussian correlation of standard deviation
+    ``length`` cells over the last two dimensions, periodic at the edges (filtered in Fourier
+    space, so the variance is exactly one everywhere)."""
+    white = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    ky = torch.fft.fftfreq(shape[-2], device=device)[:, None]
+    kx = torch.fft.fftfreq(shape[-1], device=device)[None, :]
+    gain = torch.exp(-2.0 * math.pi**2 * length**2 * (ky.square() + kx.square()))
+    gain = gain / gain.square().mean().sqrt()
+    return torch.fft.ifft2(torch.fft.fft2(white) * gain).real
+
+
 def _gaussian_params(h: Tensor) -> tuple[Tensor, Tensor]:
     """Split a [B, 2D] linear output into float32 ``mu`` and clamped ``logvar``."""
     mu, logvar = h.float().chunk(2, dim=1)
@@ -134,6 +170,8 @@ class CVAE(nn.Module):
         n_predictors: coarse predictor channels P.
         n_static: static high-resolution channels S (may be 0).
         dry_value: model-space value of 0 mm/day (``Normalizer.zero``), the hurdle's dry cells.
+        wet_value: model-space value of the wet threshold, below which the copula's intensity
+            is truncated (``None``: not truncated).
     """
 
     def __init__(
@@ -146,6 +184,7 @@ class CVAE(nn.Module):
         n_predictors: int,
         n_static: int,
         dry_value: float,
+        wet_value: float | None = None,
     ) -> None:
         super().__init__()
         if factor < 1 or height % factor or width % factor:
@@ -159,6 +198,7 @@ class CVAE(nn.Module):
         self.coarse_height, self.coarse_width = height // factor, width // factor
         self.n_predictors, self.n_static = n_predictors, n_static
         self.dry_value = float(dry_value)
+        self.wet_value = None if wet_value is None else float(wet_value)
         c, d, n_res = cfg.channels, cfg.latent_dim, cfg.n_res_blocks
 
         enc: list[nn.Module] = [_conv(1 + n_predictors + n_static, c)]
@@ -181,7 +221,7 @@ class CVAE(nn.Module):
         self.coarse_trunk = nn.Sequential(_conv(3 * c, 2 * c), _res_stack(2 * c, n_res))
         self.up_conv = _conv(2 * c, c)
         self.fine_trunk = nn.Sequential(_conv(c + n_static, c), _res_stack(c, n_res))
-        n_out = 2 if cfg.output == "hurdle" else 1
+        n_out = {"regression": 1, "hurdle": 2, "copula": 3}[cfg.output]
         self.head = nn.Sequential(_norm(c), nn.SiLU(), _conv(c, n_out))
 
         self.prior_net: nn.Sequential | None = None
@@ -214,6 +254,7 @@ class CVAE(nn.Module):
             "n_predictors": self.n_predictors,
             "n_static": self.n_static,
             "dry_value": self.dry_value,
+            "wet_value": self.wet_value,
         }
 
     @classmethod
@@ -290,10 +331,36 @@ class CVAE(nn.Module):
         out = self.head(self.fine_trunk(h)).float()
         if self.cfg.output == "regression":
             return DecoderOutput(field=out, mean=out, wet_logit=None)
-        wet_logit, intensity = out[:, :1], out[:, 1:]
+        wet_logit, intensity = out[:, :1], out[:, 1:2]
         dry = torch.full_like(intensity, self.dry_value)
         field = torch.where(torch.sigmoid(wet_logit) > 0.5, intensity, dry)
-        return DecoderOutput(field=field, mean=intensity, wet_logit=wet_logit)
+        log_sigma = out[:, 2:].clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX) if self.cfg.output == "copula" else None
+        return DecoderOutput(field=field, mean=intensity, wet_logit=wet_logit, log_sigma=log_sigma)
+
+    def draw(self, decoded: DecoderOutput, generator: torch.Generator | None = None) -> Tensor:
+        """A random field from the decoder's per-cell distributions (``copula``; see the module
+        docstring); the other heads' field as it is.
+
+        Returns:
+            [B, 1, H, W] model-space fields.
+        """
+        if decoded.log_sigma is None or decoded.wet_logit is None:
+            return decoded.field
+        u = correlated_noise(decoded.mean.shape, self.cfg.noise_length, generator, decoded.mean.device)
+        p = torch.sigmoid(decoded.wet_logit)
+        cdf = torch.special.ndtr(u)
+        # The wet part of the uniform, rescaled to (0, 1): the intensity's quantile.
+        q = ((cdf - (1.0 - p)) / p.clamp_min(1e-6)).clamp(1e-6, 1.0 - 1e-6)
+        sigma = decoded.log_sigma.exp()
+        # Upper tail mass of the untruncated Gaussian above the threshold; quantiles are taken
+        # from the top (1 - q of it), which stays accurate when the mean is far below.
+        tail = (
+            torch.ones_like(q)
+            if self.wet_value is None
+            else torch.special.ndtr((decoded.mean - self.wet_value) / sigma)
+        )
+        intensity = decoded.mean - sigma * torch.special.ndtri(((1.0 - q) * tail).clamp_min(1e-30))
+        return torch.where(cdf > 1.0 - p, intensity, torch.full_like(intensity, self.dry_value))
 
     # --- training and generation -----------------------------------------------------------------
 
@@ -342,10 +409,31 @@ class CVAE(nn.Module):
             static: [S, H, W] static fields, or ``None`` when S is 0.
             n_samples: K, samples per coarse input.
             temperature: scale of the prior's standard deviation, ``z = mu_p + t * sigma_p * eps``.
-            generator: source of ``eps``, on the model's device, for repeatable samples.
+            generator: source of ``eps`` (and of the copula's field), on the model's device, for
+                repeatable samples.
 
         Returns:
             [B, K, H, W] generated model-space fields.
+        """
+        return self.sample_with_medians(
+            coarse, static, n_samples, temperature=temperature, generator=generator
+        )[0]
+
+    @torch.no_grad()
+    def sample_with_medians(
+        self,
+        coarse: Tensor,
+        static: Tensor | None,
+        n_samples: int,
+        *,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``sample``, and for each draw its latent's decoding without the copula's field: what
+        ``z`` alone makes of the input (the same tensor for the other heads).
+
+        Returns:
+            The draws and their medians, each [B, K, H, W] model-space fields.
         """
         if n_samples < 1:
             raise ValueError(f"sample: n_samples must be >= 1, got {n_samples}")
@@ -355,7 +443,8 @@ class CVAE(nn.Module):
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         z = mu + temperature * sigma * eps
         decoded = self.decode(z, coarse.repeat_interleave(n_samples, dim=0), static)
-        return decoded.field.view(coarse.shape[0], n_samples, self.height, self.width)
+        shape = (coarse.shape[0], n_samples, self.height, self.width)
+        return self.draw(decoded, generator).view(shape), decoded.field.view(shape)
 
     @torch.no_grad()
     def reconstruct_mean(self, fine: Tensor, coarse: Tensor, static: Tensor | None) -> Tensor:

@@ -60,14 +60,16 @@ def generate(
     device = split.fine.device
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     to_mm = data.normalizer.to_mm
-    samples, recon_post, mu, logvar, prior_mu, prior_logvar = [], [], [], [], [], []
+    samples, recon_post, recon_prior, mu, logvar, prior_mu, prior_logvar = [], [], [], [], [], [], []
     was_training = model.training
     model.eval()
     with autocast(device, bf16):
         for start in range(0, len(split), cfg.batch_size):
             sl = slice(start, start + cfg.batch_size)
             fine, coarse = split.fine[sl], split.coarse[sl]
-            draws = model.sample(coarse, data.static, n_samples, temperature=cfg.temperature, generator=gen)
+            draws, medians = model.sample_with_medians(
+                coarse, data.static, n_samples, temperature=cfg.temperature, generator=gen
+            )
             samples.append(to_mm(draws.float()))
             if with_latents:
                 m, lv = model.encode(fine, coarse, data.static)
@@ -77,6 +79,8 @@ def generate(
                 prior_mu.append(pm.float())
                 prior_logvar.append(plv.float())
                 recon_post.append(to_mm(model.reconstruct_mean(fine, coarse, data.static).float())[:, 0])
+                # The copula's field is noise the decoder does not choose: z's use is judged without it.
+                recon_prior.append(to_mm(medians[:, 0].float()))
     model.train(was_training)
     obs = to_mm(split.fine[:, 0])
     mask = split.mask[:, 0]
@@ -90,7 +94,7 @@ def generate(
         obs=obs,
         mask=mask,
         recon_post=cat(recon_post),
-        recon_prior=all_samples[:, 0] if with_latents else None,
+        recon_prior=cat(recon_prior),
         mu_post=cat(mu),
         logvar_post=cat(logvar),
         prior_mu=cat(prior_mu),

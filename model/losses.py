@@ -35,7 +35,14 @@ error in mm/day would be dominated by a few extreme cells):
     hurdle:      recon = scale * [ sum(m * BCE(wet_logit, wet)) / max(sum(m), 1)
                                    + sum(m * wet * w * (intensity - x)^2) / max(sum(m * wet), 1) ]
 
-with ``wet = (y > wet_threshold)`` and BCE the binary cross-entropy on the logit.
+    copula:      recon = scale * [ sum(m * BCE(wet_logit, wet)) / max(sum(m), 1)
+                                   + sum(m * wet * nll) / max(sum(m * wet), 1) ]
+                 nll = 0.5 * ((x - intensity) / sigma)^2 + log(sigma) + log Phi((intensity - t) / sigma)
+
+with ``wet = (y > wet_threshold)``, BCE the binary cross-entropy on the logit, ``sigma =
+exp(log_sigma)`` and ``t`` the wet threshold in model space (the copula's intensity is a Gaussian
+truncated below it). The copula's likelihood is not weighted: weights would bend the distribution
+it learns towards heavy rain, where the point-estimate heads need them to keep the tail.
 
 Gradient loss, over horizontally and vertically neighbouring pairs (i, k) that are both valid:
 
@@ -47,6 +54,7 @@ onto it and removes diversity. The generated amount in mm/day is
 
     regression:  g = to_mm(x_hat)
     hurdle:      g = sigmoid(wet_logit) * to_mm(intensity)      (expected amount, differentiable)
+    copula:      g = sigmoid(wet_logit) * E[to_mm(N(intensity, sigma^2))]   (``Normalizer.expected_mm``)
 
 and for each coarse cell c (a factor x factor block) with at least one valid fine cell
 
@@ -255,7 +263,17 @@ def compute_losses(
         wet = (y_mm > wet_threshold).float() * m
         bce = F.binary_cross_entropy_with_logits(dec.wet_logit, wet, reduction="none")
         occurrence = (m * bce).sum() / n_valid
-        intensity = (wet * w * (dec.mean - x).square()).sum() / wet.sum().clamp_min(1.0)
+        if dec.log_sigma is None:
+            per_cell = w * (dec.mean - x).square()
+        else:
+            inv_sigma = torch.exp(-dec.log_sigma)
+            t = normalizer.to_model(torch.tensor(wet_threshold, device=x.device))
+            per_cell = (
+                0.5 * ((x - dec.mean) * inv_sigma).square()
+                + dec.log_sigma
+                + torch.special.log_ndtr((dec.mean - t) * inv_sigma)
+            )
+        intensity = (wet * per_cell).sum() / wet.sum().clamp_min(1.0)
         recon = cfg.scale * (occurrence + intensity)
 
     kl_pd = kl_per_dim(out.mu, out.logvar, out.prior_mu, out.prior_logvar)
@@ -263,7 +281,10 @@ def compute_losses(
     kl_raw = kl_pd.sum(1).mean()
     grad = gradient_loss(dec.mean, x, mask)
     if cfg.lambda_mass > 0 and coarse_mass is not None:
-        generated_mm = normalizer.to_mm(dec.mean)
+        if dec.log_sigma is None:
+            generated_mm = normalizer.to_mm(dec.mean)
+        else:
+            generated_mm = normalizer.expected_mm(dec.mean, dec.log_sigma.exp())
         if dec.wet_logit is not None:
             generated_mm = torch.sigmoid(dec.wet_logit) * generated_mm
         mass = mass_loss(generated_mm, coarse_mass.float(), mask, factor)

@@ -35,6 +35,14 @@ class Normalizer:
         mm = torch.expm1(t.clamp(max=10.0)) if self.transform == "log1p" else t
         return mm.clamp_min(0.0)
 
+    def expected_mm(self, mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """E[mm/day] of a Gaussian model-space value ``N(mean, sigma^2)``, ignoring the clamp at
+        zero: ``exp(t + s^2 / 2) - 1`` for log1p, with ``t`` and ``s`` the transformed mean and
+        spread, which is ``to_mm`` at ``mean + sigma^2 * std / 2``."""
+        if self.transform == "none":
+            return self.to_mm(mean)
+        return self.to_mm(mean + 0.5 * sigma.square() * self.stats.target_std)
+
     @property
     def zero(self) -> float:
         """Model-space value of 0 mm/day (a dry cell)."""

@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import io
 import json
+import math
 
 import pytest
 import torch
+from scipy.stats import kstest, truncnorm
 
 from model.config import LossConfig, ModelConfig, Normalization
-from model.cvae import CVAE
+from model.cvae import CVAE, DecoderOutput, correlated_noise
 from model.losses import compute_losses
 from model.transform import Normalizer
 
@@ -25,11 +27,19 @@ def _model(
     prior: str = "standard",
     n_static: int = 2,
     seed: int = 0,
+    wet_value: float | None = None,
 ) -> CVAE:
     torch.manual_seed(seed)
     cfg = ModelConfig(latent_dim=6, channels=8, n_res_blocks=1, output=output, prior=prior)
     return CVAE(
-        cfg, height=height, width=width, factor=factor, n_predictors=2, n_static=n_static, dry_value=DRY
+        cfg,
+        height=height,
+        width=width,
+        factor=factor,
+        n_predictors=2,
+        n_static=n_static,
+        dry_value=DRY,
+        wet_value=wet_value,
     )
 
 
@@ -44,7 +54,7 @@ def _inputs(
 
 
 @pytest.mark.parametrize("prior", ["standard", "learned"])
-@pytest.mark.parametrize("output", ["regression", "hurdle"])
+@pytest.mark.parametrize("output", ["regression", "hurdle", "copula"])
 @pytest.mark.parametrize("grid", GRIDS)
 def test_shapes(grid: tuple[int, int, int], output: str, prior: str) -> None:
     h, w, f = grid
@@ -55,8 +65,9 @@ def test_shapes(grid: tuple[int, int, int], output: str, prior: str) -> None:
         assert t.shape == (3, 6) and t.dtype == torch.float32
     assert out.decoded.field.shape == out.decoded.mean.shape == (3, 1, h, w)
     assert (out.decoded.wet_logit is None) == (output == "regression")
-    if output == "hurdle":
+    if output != "regression":
         assert out.decoded.wet_logit.shape == (3, 1, h, w)
+    assert (out.decoded.log_sigma is None) == (output != "copula")
     assert model.sample(coarse, static, 4).shape == (3, 4, h, w)
     assert model.reconstruct_mean(fine, coarse, static).shape == (3, 1, h, w)
 
@@ -164,7 +175,7 @@ def test_hurdle_field_is_dry_exactly_where_wet_probability_is_below_half() -> No
 
 
 def test_model_args_round_trip_through_json_and_a_weights_only_checkpoint() -> None:
-    model = _model(24, 36, 12, output="hurdle", prior="learned")
+    model = _model(24, 36, 12, output="copula", prior="learned", wet_value=-0.3)
     fine, coarse, static = _inputs(model)
     buf = io.BytesIO()
     torch.save({"args": json.loads(json.dumps(model.model_args())), "model": model.state_dict()}, buf)
@@ -220,7 +231,7 @@ def test_bf16_autocast_keeps_latents_and_losses_float32() -> None:
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize("output", ["regression", "hurdle"])
+@pytest.mark.parametrize("output", ["regression", "hurdle", "copula"])
 def test_a_short_optimisation_lowers_the_loss(output: str) -> None:
     model = _model(output=output, prior="learned")
     g = torch.Generator().manual_seed(0)
@@ -251,3 +262,64 @@ def test_a_short_optimisation_lowers_the_loss(output: str) -> None:
     with torch.no_grad():
         end = loss().item()
     assert end < 0.7 * start
+
+
+# --- the copula output ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [1.0, 2.5])
+def test_correlated_noise_has_unit_variance_and_a_gaussian_correlation(length: float) -> None:
+    u = correlated_noise((64, 1, 48, 48), length, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert abs(u.var().item() - 1.0) < 0.05 and abs(u.mean().item()) < 0.05
+    # A Gaussian filter of sd l gives a Gaussian correlation of sd l * sqrt(2).
+    for lag in (1, 2):
+        corr = (u * u.roll(lag, dims=-1)).mean().item() / u.var().item()
+        assert corr == pytest.approx(math.exp(-(lag**2) / (4 * length**2)), abs=0.03)
+
+
+def _copula_draw(logit: float, mean: float, log_sigma: float, wet_value: float | None) -> torch.Tensor:
+    model = _model(32, 32, 4, output="copula", wet_value=wet_value)
+    shape = (200, 1, 32, 32)
+    decoded = DecoderOutput(
+        field=torch.zeros(shape),
+        mean=torch.full(shape, mean),
+        wet_logit=torch.full(shape, logit),
+        log_sigma=torch.full(shape, log_sigma),
+    )
+    return model.draw(decoded, torch.Generator().manual_seed(0))
+
+
+def test_copula_draws_each_cell_from_its_truncated_distribution() -> None:
+    p, mean, sigma, t = 0.3, 0.0, 0.8, -0.5
+    field = _copula_draw(math.log(p / (1 - p)), mean, math.log(sigma), t)
+    wet = field != DRY
+    assert wet.float().mean().item() == pytest.approx(p, abs=0.02)
+    values = field[wet].double()
+    assert values.min().item() >= t
+    expected = truncnorm((t - mean) / sigma, math.inf, loc=mean, scale=sigma)
+    assert kstest(values[::7].numpy(), expected.cdf).statistic < 0.02
+    # One field draws occurrence and intensity: wet neighbours are alike, and rain areas are
+    # patches, not salt and pepper.
+    both = wet[..., 1:] & wet[..., :-1]
+    a, b = field[..., 1:][both], field[..., :-1][both]
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1].item() > 0.5
+    assert (wet[..., 1:] == wet[..., :-1]).float().mean().item() > 0.8
+
+
+def test_copula_without_a_threshold_draws_the_whole_gaussian() -> None:
+    field = _copula_draw(30.0, 1.0, math.log(0.5), None)
+    assert (field != DRY).all()
+    assert field.mean().item() == pytest.approx(1.0, abs=0.02)
+    assert field.std().item() == pytest.approx(0.5, abs=0.02)
+
+
+def test_copula_samples_are_repeatable_and_differ_from_the_median_field() -> None:
+    model = _model(output="copula", wet_value=-0.5)
+    _, coarse, static = _inputs(model)
+    draws, medians = model.sample_with_medians(coarse, static, 3, generator=torch.Generator().manual_seed(2))
+    again = model.sample(coarse, static, 3, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(draws, again)
+    assert not torch.equal(draws, medians)
+    hurdle = _model(output="hurdle")
+    draws, medians = hurdle.sample_with_medians(coarse, static, 3)
+    assert torch.equal(draws, medians)

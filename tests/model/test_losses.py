@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.stats import truncnorm
 from torch.distributions import Normal, kl_divergence
 
 from model.config import LossConfig, Normalization
@@ -27,7 +29,10 @@ FACTOR = 4
 
 
 def _forward_output(
-    mean: torch.Tensor, wet_logit: torch.Tensor | None = None, latent: int = 3
+    mean: torch.Tensor,
+    wet_logit: torch.Tensor | None = None,
+    latent: int = 3,
+    log_sigma: torch.Tensor | None = None,
 ) -> ForwardOutput:
     b = mean.shape[0]
     g = torch.Generator().manual_seed(7)
@@ -36,7 +41,7 @@ def _forward_output(
     zeros = torch.zeros(b, latent)
     field = mean if wet_logit is None else torch.where(wet_logit > 0, mean, NORM.zero)
     return ForwardOutput(
-        decoded=DecoderOutput(field=field, mean=mean, wet_logit=wet_logit),
+        decoded=DecoderOutput(field=field, mean=mean, wet_logit=wet_logit, log_sigma=log_sigma),
         mu=mu,
         logvar=logvar,
         prior_mu=zeros,
@@ -161,6 +166,57 @@ def test_hurdle_recon_is_bce_plus_wet_cell_intensity_error() -> None:
     bce = F.binary_cross_entropy_with_logits(logit.flatten()[:3], target)
     intensity = (1.0 * 1.0 + 6.0 * 4.0) / 2
     assert terms.recon.item() == pytest.approx(20.0 * (bce.item() + intensity), rel=1e-5)
+
+
+def test_copula_recon_is_bce_plus_the_truncated_gaussian_likelihood_of_wet_cells() -> None:
+    rain = [0.0, 5.0, 25.0, 0.05, 1.0]
+    fine = NORM.to_model(torch.tensor(rain).view(1, 1, 1, 5))
+    mask = torch.tensor([True, True, True, True, False]).view(1, 1, 1, 5)
+    mean = fine + torch.tensor([0.5, -1.0, 2.0, 0.3, 9.0]).view(1, 1, 1, 5)
+    logit = torch.tensor([-1.0, 2.0, 0.5, 0.2, 3.0]).view(1, 1, 1, 5)
+    log_sigma = torch.tensor([0.1, -0.5, 0.3, 0.0, 1.0]).view(1, 1, 1, 5)
+    terms = compute_losses(
+        _forward_output(mean, logit, log_sigma=log_sigma),
+        fine,
+        mask,
+        None,
+        cfg=CFG,
+        normalizer=NORM,
+        factor=1,
+        beta=0.0,
+        wet_threshold=0.1,
+    )
+    bce = F.binary_cross_entropy_with_logits(logit.flatten()[:4], torch.tensor([0.0, 1.0, 1.0, 0.0]))
+    t = NORM.to_model(torch.tensor(0.1)).item()
+    nll = [
+        -truncnorm.logpdf(fine.flatten()[i].item(), (t - m) / s, math.inf, loc=m, scale=s)
+        for i in (1, 2)
+        for m, s in [(mean.flatten()[i].item(), math.exp(log_sigma.flatten()[i].item()))]
+    ]
+    # The likelihood omits log(sqrt(2 pi)), a constant.
+    expected = 20.0 * (bce.item() + sum(nll) / 2 - 0.5 * math.log(2 * math.pi))
+    assert terms.recon.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_copula_mass_uses_the_expected_amount_of_its_intensity_distribution() -> None:
+    mean, sigma = torch.full((1, 1, 4, 4), 0.8), torch.full((1, 1, 4, 4), 0.6)
+    draws = NORM.to_mm(
+        mean + sigma * torch.randn(400_000, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    )
+    expected = NORM.expected_mm(mean, sigma)
+    assert expected[0, 0, 0, 0].item() == pytest.approx(draws.mean().item(), rel=0.01)
+    logit = torch.zeros(1, 1, 4, 4)  # wet probability 0.5
+    t = compute_losses(
+        _forward_output(mean, logit, log_sigma=sigma.log()),
+        mean,
+        torch.ones(1, 1, 4, 4, dtype=torch.bool),
+        0.5 * expected[..., :1, :1],
+        cfg=CFG,
+        normalizer=NORM,
+        factor=4,
+        beta=0.0,
+    )
+    assert t.mass.item() == pytest.approx(0.0, abs=1e-8)
 
 
 @pytest.mark.parametrize("hurdle", [False, True])

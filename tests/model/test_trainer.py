@@ -15,7 +15,7 @@ from model.config import Config, config_from_dict, load_config
 from model.data import load_data
 from model.evaluate import evaluate
 from model.metrics import METRICS
-from model.trainer import EpochReport, TrainingDiverged, TrainResult, train
+from model.trainer import EpochReport, TrainingDiverged, TrainResult, build_model, train
 from tests.conftest import tiny_config_dict
 
 LOSS_TERMS = {"total", "recon", "kl", "kl_raw", "grad", "mass"}
@@ -165,9 +165,10 @@ def test_compiled_step_trains_on_the_cpu(cache: Path, caplog: pytest.LogCaptureF
     "overrides",
     [
         {"model.output": "hurdle", "model.prior": "learned"},
+        {"model.output": "copula", "data.synthetic.with_mask": True},
         {"data.synthetic.with_mask": True},
     ],
-    ids=["hurdle-learned-prior", "masked"],
+    ids=["hurdle-learned-prior", "copula-masked", "masked"],
 )
 def test_variants_train_with_finite_losses_and_metrics(cache: Path, overrides: dict[str, Any]) -> None:
     cfg = tiny_config(**overrides)
@@ -179,3 +180,15 @@ def test_variants_train_with_finite_losses_and_metrics(cache: Path, overrides: d
     bad = {k: v for k, v in result.metrics.items() if not math.isfinite(v)}
     assert not bad, f"non-finite metrics: {bad}"
     assert set(result.metrics) == set(METRICS)
+
+
+def test_the_copula_field_is_not_counted_as_use_of_z(cache: Path) -> None:
+    cfg = tiny_config(**{"model.output": "copula"})
+    data = load_data(cfg.data)
+    model = build_model(cfg, data)
+    with torch.no_grad():  # a decoder that ignores z: only the copula's field varies the samples
+        model.z_to_map.weight.zero_()
+        model.z_to_map.bias.zero_()
+    metrics = evaluate(model, data, cfg.eval).metrics
+    assert metrics["diversity"] > 0.0
+    assert metrics["z_usage"] == 0.0
