@@ -80,6 +80,9 @@ class TrainResult:
     device: str
     precision: str
     versions: dict[str, str]
+    peak_gpu_memory_bytes: int | None = None
+    """Most GPU memory the caching allocator held during training and evaluation; ``None``
+    off CUDA. What a process sharing the GPU must be allowed (``worker --per-gpu auto``)."""
     checkpoint: Path | None = None
     figure: Path | None = None
     metrics_file: Path | None = None
@@ -149,6 +152,7 @@ def train(
     t_start = time.perf_counter()
     device = resolve_device(cfg.train.device)
     bf16 = _use_bf16(cfg, device)
+    _reset_peak_memory(device)
     if data is None:
         data = load_data(cfg.data, cfg.normalization)
     data = data.to(device)
@@ -218,6 +222,7 @@ def train(
     t_eval = time.perf_counter()
     ev = evaluate(model, data, cfg.eval, bf16=bf16)
     eval_s = time.perf_counter() - t_eval
+    peak = _peak_memory(device)
 
     result = TrainResult(
         config=cfg,
@@ -234,11 +239,24 @@ def train(
         device=str(device),
         precision="bf16" if bf16 else "fp32",
         versions=versions(),
+        peak_gpu_memory_bytes=peak,
     )
     if out_dir is not None:
         _write_outputs(Path(out_dir), model, cfg, result, ev.data, data)
     result.timings["total_s"] = time.perf_counter() - t_start
     return result
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        # Blocks cached from an earlier train() in this process would count as this one's peak.
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device: torch.device) -> int | None:
+    # Reserved, not allocated: the per-process memory fraction caps what the allocator reserves.
+    return torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
 
 
 class StepLoss(torch.nn.Module):
@@ -325,6 +343,7 @@ def _write_outputs(
                 "timings": result.timings,
                 "device": result.device,
                 "precision": result.precision,
+                "peak_gpu_memory_bytes": result.peak_gpu_memory_bytes,
                 "versions": result.versions,
             },
             indent=2,

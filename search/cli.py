@@ -4,6 +4,7 @@ demo, dashboard and proxy. The only layer that prints; everything else logs."""
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -98,7 +99,9 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from search.definition import load_definition
-    from search.worker import plan_processes, run_worker, run_workers
+    from search.storage import open_storage
+    from search.study import load_study
+    from search.worker import measured_peaks, parse_per_gpu, plan_processes, run_worker, run_workers
 
     local = load_definition(args.study_file) if args.study_file else None
     if args.child:
@@ -111,12 +114,13 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             local=local,
         )
         return 0 if summary.stopped_by != "max_failures" else 1
-    plans = plan_processes(args.gpus, args.per_gpu, args.processes)
+    # Opened once, and only to check --study-file or to read the peaks --per-gpu auto packs by.
+    study = functools.cache(lambda: load_study(args.study, open_storage(args.storage), local=local)[0])
+    plans = plan_processes(
+        args.gpus, parse_per_gpu(args.per_gpu), args.processes, peaks=lambda: measured_peaks(study())
+    )
     if local is not None:  # refuse before starting any process
-        from search.storage import open_storage
-        from search.study import load_study
-
-        load_study(args.study, open_storage(args.storage), local=local)
+        study()
     child_args = [args.study, "--artifact-dir", _artifact_dir(args.artifact_dir)]
     if args.storage:
         child_args += ["--storage", args.storage]
@@ -252,9 +256,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--gpus", default="auto", help="auto (default), all, none, or a list like 0,1")
     sp.add_argument(
         "--per-gpu",
-        type=int,
-        default=int(os.environ.get("CVAE_SEARCH_PER_GPU", "1")),
-        help="worker processes per GPU (default 1, or $CVAE_SEARCH_PER_GPU)",
+        default=os.environ.get("CVAE_SEARCH_PER_GPU", "1"),
+        metavar="K",
+        help="worker processes per GPU, or auto: more than 1 only under CUDA MPS, as many as the "
+        "study's measured peak memory allows, up to 4 (default 1, or $CVAE_SEARCH_PER_GPU)",
     )
     sp.add_argument("--processes", type=int, default=1, help="worker processes when on the CPU (default 1)")
     sp.add_argument("--study-file", help="refuse to run if this definition differs from the stored one")

@@ -28,11 +28,22 @@ from model.trainer import EpochReport, TrainingDiverged, TrainResult, train
 from search.definition import Collapse, Param, StudyDefinition
 from search.study import BASELINE_ATTR
 
-__all__ = ["CollapseWatcher", "TrialFailed", "TrialObjective", "constraint_values", "suggest"]
+__all__ = [
+    "PEAK_GPU_MEMORY_ATTR",
+    "RUNTIME_ATTR",
+    "CollapseWatcher",
+    "TrialFailed",
+    "TrialObjective",
+    "constraint_values",
+    "suggest",
+]
 
 _log = logging.getLogger(__name__)
 
 COLLAPSE_CONSTRAINT = "collapse"
+RUNTIME_ATTR = "runtime"
+PEAK_GPU_MEMORY_ATTR = "peak_gpu_memory_bytes"
+"""Key in the ``runtime`` user attribute; present only for trials trained on a GPU."""
 
 
 class TrialFailed(Exception):
@@ -181,7 +192,7 @@ class TrialObjective:
             "metrics": result.metrics,
             "losses": {k: v for k, v in losses.items() if k not in ("epoch", "samples_per_s")},
             "timings": {**result.timings, "epochs_run": result.epochs_run},
-            "runtime": {
+            RUNTIME_ATTR: {
                 "device": result.device,
                 "precision": result.precision,
                 "host": socket.gethostname(),
@@ -192,6 +203,8 @@ class TrialObjective:
             "history": result.history,
             "normalization": asdict(result.config.normalization) if result.config.normalization else None,
         }
+        if result.peak_gpu_memory_bytes is not None:
+            attrs[RUNTIME_ATTR][PEAK_GPU_MEMORY_ATTR] = result.peak_gpu_memory_bytes
         if "fail_reason" in trial.user_attrs:  # inherited from the failed attempt this retries
             attrs["fail_reason"] = None
         for key, value in attrs.items():

@@ -7,16 +7,18 @@ a heartbeat thread while a trial runs, and :func:`search.storage.reap_stale_tria
 every ask. Its sampler seed is offset by a slot the study hands each worker, so workers
 started separately (container replicas, a worker started again) do not repeat each other.
 
-``run_workers`` starts one such process per GPU (``CUDA_VISIBLE_DEVICES`` set for each, K
-per GPU when asked) or N on the CPU, and forwards SIGTERM / Ctrl-C to them. A worker that
-is stopped that way fails its running trial with the reason and re-enqueues it, so no trial
-is left RUNNING; one killed outright is failed by the heartbeat of those that remain.
+``run_workers`` starts one such process per GPU (``CUDA_VISIBLE_DEVICES`` set for each; K per
+GPU when asked, or under CUDA MPS as many as the study's measured peak memory allows) or N on
+the CPU, and forwards SIGTERM / Ctrl-C to them. A worker that is stopped that way fails its
+running trial with the reason and re-enqueues it, so no trial is left RUNNING; one killed
+outright is failed by the heartbeat of those that remain.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -25,11 +27,12 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Literal
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -38,7 +41,7 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
 
 from search.definition import StudyDefinition
-from search.objective import TrialFailed, TrialObjective
+from search.objective import PEAK_GPU_MEMORY_ATTR, RUNTIME_ATTR, TrialFailed, TrialObjective
 from search.storage import (
     HEARTBEAT_ATTR,
     StorageSettings,
@@ -50,7 +53,18 @@ from search.storage import (
 )
 from search.study import claim_worker_slot, load_study
 
-__all__ = ["WorkerInterrupted", "WorkerSummary", "plan_processes", "run_worker", "run_workers"]
+__all__ = [
+    "PerGpuChoice",
+    "WorkerInterrupted",
+    "WorkerSummary",
+    "choose_per_gpu",
+    "measured_peaks",
+    "mps_running",
+    "parse_per_gpu",
+    "plan_processes",
+    "run_worker",
+    "run_workers",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -275,45 +289,178 @@ def _run_trial(
 # --- several processes ---------------------------------------------------------------------
 
 
+AUTO_MAX_PER_GPU = 4
+"""``--per-gpu auto`` starts at most this many per GPU: under MPS, 2 to 4 gained 1.16x to 1.29x
+(benchmarks/RESULTS.md, section 2), and more processes mean more database connections."""
+PEAK_MARGIN = 1.25
+"""A process's share of a GPU must hold this times the largest measured peak: room for a trial a
+little larger than any so far, and above 1/0.95, since each share is capped at 0.95/K."""
+MPS_PIPE_DIRECTORY = "/tmp/nvidia-mps"
+"""Where the MPS control daemon puts its pipes unless ``CUDA_MPS_PIPE_DIRECTORY`` says otherwise."""
+
+PerGpu = int | Literal["auto"]
+
+
 @dataclass(frozen=True)
 class ProcessPlan:
     index: int
     env: dict[str, str]
 
 
-def plan_processes(
-    gpus: str, per_gpu: int, processes: int, cpu_count: int | None = None
-) -> list[ProcessPlan]:
-    """One process per GPU (``per_gpu`` each), or ``processes`` on the CPU.
+@dataclass(frozen=True)
+class PerGpuChoice:
+    k: int
+    reason: str
 
-    Args:
-        gpus: ``auto`` (all visible GPUs, else the CPU), ``all``, ``none``, or ``0,1,...``.
-        per_gpu: Processes sharing each GPU.
-        processes: Processes when running on the CPU.
-        cpu_count: CPU cores to share among CPU processes (default: this machine's); a
-            ``CVAE_SEARCH_THREADS`` set in the environment fixes the threads per process
-            instead (several workers started separately on one machine).
+
+def parse_per_gpu(value: str) -> PerGpu:
+    """``auto`` or a whole number >= 1."""
+    if value == "auto":
+        return "auto"
+    try:
+        k = int(value)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise ValueError(
+            f"--per-gpu (or $CVAE_SEARCH_PER_GPU): expected auto or a whole number >= 1, got {value!r}"
+        )
+    return k
+
+
+def choose_per_gpu(
+    peaks: Sequence[int], total_bytes: int, *, mps: bool, cap: int = AUTO_MAX_PER_GPU
+) -> PerGpuChoice:
+    """Processes to run on one GPU of ``total_bytes``, given the peak memory of finished trials.
+
+    Without MPS the GPU time-slices between processes and K > 1 measured slower than one
+    (0.94x on an H100), so only MPS earns more than one; then as many as fit, up to ``cap``.
     """
-    if per_gpu < 1 or processes < 1:
-        raise ValueError(f"--per-gpu and --processes: expected >= 1, got {per_gpu} and {processes}")
+    if not peaks:
+        return PerGpuChoice(1, "no trial has measured its peak yet")
+    if not mps:
+        return PerGpuChoice(1, "CUDA MPS is not running, and without it K > 1 is slower")
+    fit = math.floor(total_bytes / (PEAK_MARGIN * max(peaks)))
+    if fit >= cap:
+        return PerGpuChoice(cap, f"{fit} would fit; capped at {cap}")
+    if fit < 1:
+        return PerGpuChoice(1, f"the peak x {PEAK_MARGIN} exceeds the GPU; one process")
+    return PerGpuChoice(fit, f"{fit} fit with a {PEAK_MARGIN}x margin")
+
+
+def mps_running() -> bool:
+    """Whether a CUDA MPS control daemon serves this machine (its control pipe exists)."""
+    folder = os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or MPS_PIPE_DIRECTORY
+    return Path(folder, "control").is_fifo()
+
+
+def measured_peaks(study: optuna.Study) -> list[int]:
+    """Peak GPU memory of each complete trial that recorded one (those trained on a GPU)."""
+    peaks = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        peak = (t.user_attrs.get(RUNTIME_ATTR) or {}).get(PEAK_GPU_MEMORY_ATTR)
+        if isinstance(peak, int) and peak > 0:
+            peaks.append(peak)
+    return peaks
+
+
+def _gpu_memory() -> dict[str, int]:
+    """Total bytes of each GPU by index, from nvidia-smi; empty when it cannot tell.
+
+    nvidia-smi rather than torch: a CUDA context here would take memory on every GPU
+    for as long as the workers run.
+    """
+    cmd = ["nvidia-smi", "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        _log.warning("nvidia-smi could not report GPU memory: %s", e)
+        return {}
+    totals = {}
+    for line in out.splitlines():
+        index, _, mib = (part.strip() for part in line.partition(","))
+        if mib.isdigit():
+            totals[index] = int(mib) * 2**20
+    if totals and os.environ.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":
+        # nvidia-smi numbers GPUs by PCI bus, CUDA fastest first: on a machine of mixed GPUs
+        # an index may name another card, so each is judged by the smallest.
+        totals = dict.fromkeys(totals, min(totals.values()))
+    return totals
+
+
+def _auto_per_gpu(ids: Sequence[str], peaks: Sequence[int]) -> dict[str, int]:
+    """``--per-gpu auto``: K for each GPU, logged with what it was chosen from."""
+    mps = mps_running()
+    totals = _gpu_memory()
+    peak = f"peak {max(peaks) / 2**30:.2f} GiB over {len(peaks)} trials" if peaks else "no peak measured"
+    chosen: dict[str, int] = {}
+    reasons: dict[tuple[int, str, str], list[str]] = {}
+    for gpu in ids:
+        total = totals.get(gpu)
+        if total is None:
+            choice, memory = PerGpuChoice(1, "nvidia-smi did not report its memory"), "total unknown"
+        else:
+            choice, memory = choose_per_gpu(peaks, total, mps=mps), f"total {total / 2**30:.1f} GiB"
+        chosen[gpu] = choice.k
+        reasons.setdefault((choice.k, choice.reason, memory), []).append(gpu)
+    for (k, reason, memory), gpus in reasons.items():
+        _log.info(
+            "--per-gpu auto: K=%d on GPU %s: %s (%s, %s, MPS %s)",
+            k,
+            ",".join(gpus),
+            reason,
+            peak,
+            memory,
+            "yes" if mps else "no",
+        )
+    return chosen
+
+
+def _gpu_ids(gpus: str) -> list[str]:
     if gpus in ("auto", "all"):
         import torch
 
         ids = [str(i) for i in range(torch.cuda.device_count())]
         if not ids and gpus == "all":
             raise ValueError("--gpus all: no CUDA device is visible")
-    elif gpus == "none":
-        ids = []
-    else:
-        ids = [g.strip() for g in gpus.split(",") if g.strip()]
-        if not ids or not all(g.isdigit() for g in ids):
-            raise ValueError(f"--gpus: expected all, none, auto or a list like 0,1; got {gpus!r}")
+        return ids
+    if gpus == "none":
+        return []
+    ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    if not ids or not all(g.isdigit() for g in ids):
+        raise ValueError(f"--gpus: expected all, none, auto or a list like 0,1; got {gpus!r}")
+    return ids
+
+
+def plan_processes(
+    gpus: str,
+    per_gpu: PerGpu,
+    processes: int,
+    cpu_count: int | None = None,
+    *,
+    peaks: Callable[[], Sequence[int]] = list,
+) -> list[ProcessPlan]:
+    """``per_gpu`` processes on each GPU, or ``processes`` on the CPU.
+
+    Args:
+        gpus: ``auto`` (all visible GPUs, else the CPU), ``all``, ``none``, or ``0,1,...``.
+        per_gpu: Processes sharing each GPU, or ``auto``: one, or under CUDA MPS as many as
+            the largest peak in ``peaks`` allows (see :func:`choose_per_gpu`).
+        processes: Processes when running on the CPU.
+        cpu_count: CPU cores to share among CPU processes (default: this machine's); a
+            ``CVAE_SEARCH_THREADS`` set in the environment fixes the threads per process
+            instead (several workers started separately on one machine).
+        peaks: The study's measured peak GPU memory per trial; read only for ``auto`` on GPUs.
+    """
+    if (isinstance(per_gpu, int) and per_gpu < 1) or processes < 1:
+        raise ValueError(f"--per-gpu and --processes: expected >= 1, got {per_gpu} and {processes}")
+    ids = _gpu_ids(gpus)
     if ids:
-        fraction = f"{1.0 / per_gpu:.4f}"
+        counts = dict.fromkeys(ids, per_gpu) if isinstance(per_gpu, int) else _auto_per_gpu(ids, peaks())
+        slots = [(gpu, k) for gpu, k in counts.items() for _ in range(k)]
         return [
-            ProcessPlan(i * per_gpu + k, {"CUDA_VISIBLE_DEVICES": gpu, "CVAE_SEARCH_GPU_FRACTION": fraction})
-            for i, gpu in enumerate(ids)
-            for k in range(per_gpu)
+            ProcessPlan(i, {"CUDA_VISIBLE_DEVICES": gpu, "CVAE_SEARCH_GPU_FRACTION": f"{1.0 / k:.4f}"})
+            for i, (gpu, k) in enumerate(slots)
         ]
     threads = os.environ.get("CVAE_SEARCH_THREADS") or str(
         max(1, (cpu_count or os.cpu_count() or 1) // processes)
