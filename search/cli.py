@@ -183,9 +183,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from search.demo import run_demo
+    from search.demo import DEMO_STUDY, run_demo
 
-    return run_demo(Path(args.output), workers=args.workers)
+    study_file = Path(args.study_file) if args.study_file else DEMO_STUDY
+    return run_demo(Path(args.output), workers=args.workers, study_file=study_file)
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
@@ -300,6 +301,10 @@ def _parser() -> argparse.ArgumentParser:
         "-o", "--output", default="cvae-search-demo", help="demo folder (default: cvae-search-demo)"
     )
     sp.add_argument("--workers", type=int, default=2, help="parallel worker processes (default 2)")
+    sp.add_argument(
+        "--study-file",
+        help="the study to run the loop on (default: studies/tiny.yaml); its storage is the demo folder's",
+    )
 
     sp = command("dashboard", _cmd_dashboard, "optuna-dashboard on the study storage, with its artifacts")
     storage(sp)

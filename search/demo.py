@@ -10,8 +10,11 @@ import shutil
 import time
 from pathlib import Path
 
-from search.definition import load_definition
-from search.export import export_trial, pick_trial
+import optuna
+from optuna.trial import FrozenTrial
+
+from search.definition import StudyDefinition, load_definition
+from search.export import NoFeasibleTrial, export_trial, pick_trial
 from search.report import dominates, format_table, pareto_table, write_report
 from search.storage import open_storage
 from search.study import BASELINE_ATTR, create_study, load_study
@@ -56,29 +59,46 @@ def run_demo(out: Path, *, workers: int = 2, study_file: Path = DEMO_STUDY) -> i
     elapsed = time.perf_counter() - t0
 
     study, definition = load_study(definition.name, storage)
-    picked = pick_trial(study, definition, "knee")
-    files = write_report(study, definition, out / "report", picked=picked.number)
-    best = export_trial(study, definition, picked, out / "best.yaml", storage_url=url, rule="knee")
+    try:
+        picked: FrozenTrial | None = pick_trial(study, definition, "knee")
+    except NoFeasibleTrial as e:  # the table and report still tell what the trials did
+        picked, no_pick = None, str(e)
+    pick_number = None if picked is None else picked.number
+    files = write_report(study, definition, out / "report", picked=pick_number)
 
     print()
-    print(format_table(pareto_table(study, definition, picked=picked.number)))
+    print(format_table(pareto_table(study, definition, picked=pick_number)))
     print()
-    baselines = {
-        t.user_attrs[BASELINE_ATTR]: t for t in study.trials if t.user_attrs.get(BASELINE_ATTR) and t.values
-    }
-    for name, trial in sorted(baselines.items()):
-        verdict = "dominates" if dominates(definition, picked, trial) else "does not dominate"
-        print(
-            f"the pick (trial {picked.number}) {verdict} baseline {name} (trial {trial.number}) "
-            f"on {' and '.join(definition.metric_names)}"
-        )
+    if picked is None:
+        print(f"demo: nothing exported: {no_pick}")
+    else:
+        _print_verdicts(study, definition, picked)
     print(f"\n{len(study.trials)} trials in {elapsed / 60:.1f} min. Written:")
     print(f"  storage    {url}")
     print(f"  artifacts  {artifacts}")
     for name, path in files.items():
         print(f"  {name:<10} {path}")
+    if picked is None:
+        return 1
+    best = export_trial(study, definition, picked, out / "best.yaml", storage_url=url, rule="knee")
     print(f"  export     {best}")
     print("\nnext:")
     print(f"  cvae-search dashboard --storage {url} --artifact-dir {artifacts}")
     print(f"  cvae-search train {best} -o {out / 'production'}")
     return 0
+
+
+def _print_verdicts(study: optuna.Study, definition: StudyDefinition, picked: FrozenTrial) -> None:
+    """Whether the pick dominates each baseline, on the study's objectives."""
+    baselines = {
+        t.user_attrs[BASELINE_ATTR]: t for t in study.trials if t.user_attrs.get(BASELINE_ATTR) and t.values
+    }
+    for name, trial in sorted(baselines.items()):
+        if trial.number == picked.number:
+            print(f"the pick (trial {picked.number}) is baseline {name} itself")
+            continue
+        verdict = "dominates" if dominates(definition, picked, trial) else "does not dominate"
+        print(
+            f"the pick (trial {picked.number}) {verdict} baseline {name} (trial {trial.number}) "
+            f"on {' and '.join(definition.metric_names)}"
+        )
