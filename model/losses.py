@@ -267,7 +267,7 @@ def compute_losses(
             per_cell = w * (dec.mean - x).square()
         else:
             inv_sigma = torch.exp(-dec.log_sigma)
-            t = normalizer.to_model(torch.tensor(wet_threshold, device=x.device))
+            t = normalizer.model_value(wet_threshold)
             per_cell = (
                 0.5 * ((x - dec.mean) * inv_sigma).square()
                 + dec.log_sigma

@@ -116,7 +116,7 @@ def build_model(cfg: Config, data: Dataset) -> CVAE:
         n_predictors=data.n_predictors,
         n_static=data.n_static,
         dry_value=data.normalizer.zero,
-        wet_value=float(data.normalizer.to_model(torch.tensor(cfg.eval.wet_threshold))),
+        wet_value=data.normalizer.model_value(cfg.eval.wet_threshold),
     )
 
 

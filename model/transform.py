@@ -7,6 +7,8 @@ metrics) converts back to mm/day first: a mean taken in log space biases mass lo
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from model.config import Normalization
@@ -34,6 +36,11 @@ class Normalizer:
         # The cap (about 22,000 mm/day) keeps an untrained decoder's outliers finite.
         mm = torch.expm1(t.clamp(max=10.0)) if self.transform == "log1p" else t
         return mm.clamp_min(0.0)
+
+    def model_value(self, mm: float) -> float:
+        """``to_model`` of one amount, as a Python float (a constant for the model and the loss)."""
+        t = math.log1p(mm) if self.transform == "log1p" else mm
+        return (t - self.stats.target_mean) / self.stats.target_std
 
     def expected_mm(self, mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """E[mm/day] of a Gaussian model-space value ``N(mean, sigma^2)``, ignoring the clamp at
