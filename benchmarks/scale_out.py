@@ -84,7 +84,7 @@ def _child_ours(study: str, url: str, seconds: float, ready: Path, artifacts: Pa
 def _child_raw(study: str, url: str, seconds: float, ready: Path, sampler: str, index: int) -> None:
     import optuna
 
-    from search.objective import suggest
+    from search.objective import suggest_space
 
     quiet_optuna()
     definition = bench_definition(BUDGET, sampler, study)
@@ -93,7 +93,7 @@ def _child_raw(study: str, url: str, seconds: float, ready: Path, sampler: str, 
     def objective(trial: optuna.Trial) -> list[float]:
         if not ready.exists():
             ready.touch()
-        params = {name: suggest(trial, name, p) for name, p in definition.space.items()}
+        params = suggest_space(trial, definition.space)
         time.sleep(seconds)
         metrics = synthetic_metrics(params)
         return [metrics[o.metric] for o in definition.objectives]

@@ -47,7 +47,7 @@ import optuna
 from benchmarks.common import table, write_json
 from model.config import with_overrides
 from search.definition import Param, StudyDefinition, load_definition
-from search.objective import COLLAPSE_CONSTRAINT, TrialObjective, suggest
+from search.objective import COLLAPSE_CONSTRAINT, TrialObjective, suggest_space
 from search.report import hypervolume_history
 from search.samplers import make_sampler
 
@@ -336,7 +336,7 @@ def run_search(
     def start(worker: int, now: float) -> None:
         t0 = time.perf_counter()
         trial = views[worker].ask()
-        params = {key: suggest(trial, key, p) for key, p in definition.space.items()}
+        params = suggest_space(trial, definition.space)
         run.sampler_s += time.perf_counter() - t0
         point = surrogate.nearest(params)
         run.asked += 1

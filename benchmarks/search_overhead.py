@@ -59,7 +59,7 @@ from model.config import Config, config_from_dict, get_field, save_config
 from model.metrics import METRICS
 from model.trainer import LOSS_TERMS, TrainResult
 from search.definition import SamplerSpec, StudyDefinition, load_definition
-from search.objective import TrialObjective, constraint_values, suggest
+from search.objective import TrialObjective, constraint_values, suggest_space
 from search.storage import SearchStorage, open_storage
 from search.study import create_study
 
@@ -457,7 +457,7 @@ def measure_raw(
 
     def objective(trial: optuna.Trial) -> list[float]:
         t0 = time.perf_counter()
-        params = {name: suggest(trial, name, p) for name, p in definition.space.items()}
+        params = suggest_space(trial, definition.space)
         timer.seconds["sample"] += time.perf_counter() - t0
         metrics = synthetic_metrics(params)
         if record:

@@ -54,6 +54,15 @@ class Param:
     log: bool = False
     step: float | None = None
     choices: list[Any] | None = None
+    when: dict[str, list[Any]] | None = None
+    """Search this field only while each named categorical parameter, declared above it, takes
+    one of the listed values; elsewhere the base config's (or baseline's) value holds."""
+
+    def active(self, assigned: Mapping[str, Any]) -> bool:
+        """Whether the field is searched, given the parameters assigned so far."""
+        return all(
+            name in assigned and assigned[name] in values for name, values in (self.when or {}).items()
+        )
 
 
 @dataclass
@@ -161,7 +170,7 @@ class StudyDefinition:
             "name": self.name,
             "description": self.description,
             "base": config_to_dict(self.base),
-            "space": {k: asdict(v) for k, v in self.space.items()},
+            "space": {k: _param_dict(v) for k, v in self.space.items()},
             "objectives": [asdict(o) for o in self.objectives],
             "constraints": [asdict(c) for c in self.constraints],
             "reference_point": list(self.reference_point),
@@ -210,9 +219,22 @@ class StudyDefinition:
         return with_overrides(start, dict(params), f"{self.name}: trial parameters")
 
     def baseline_params(self, name: str) -> dict[str, Any]:
-        """A baseline's values at the searched paths, for enqueueing it as a trial."""
+        """A baseline's values at the paths it searches, for enqueueing it as a trial."""
         cfg = self.baselines[name]
-        return {path: get_field(cfg, path) for path in self.space}
+        params: dict[str, Any] = {}
+        for path, p in self.space.items():
+            if p.active(params):
+                params[path] = get_field(cfg, path)
+        return params
+
+
+def _param_dict(p: Param) -> dict[str, Any]:
+    # An unconditional parameter is stored without `when`, so studies created before
+    # conditions existed keep their digest.
+    data = asdict(p)
+    if p.when is None:
+        del data["when"]
+    return data
 
 
 def _fail(source: str, path: str, expected: str, got: Any) -> ConfigError:
@@ -249,6 +271,17 @@ def _check_param(source: str, path: str, p: Param, base: Config) -> None:
             ) from None
 
 
+def _check_when(source: str, path: str, p: Param, earlier: Mapping[str, Param]) -> None:
+    for name, values in (p.when or {}).items():
+        where = f"space.{path}.when.{name}"
+        parent = earlier.get(name)
+        if parent is None or parent.type != "categorical":
+            raise _fail(source, where, "a categorical parameter declared above it in space", name)
+        unknown = [v for v in values if v not in (parent.choices or [])]
+        if not values or unknown:
+            raise _fail(source, where, f"a non-empty list of space.{name}.choices {parent.choices}", values)
+
+
 def _within(p: Param, value: Any) -> bool:
     if p.type == "categorical":
         return value in (p.choices or [])
@@ -270,8 +303,11 @@ def load_definition(path: str | Path) -> StudyDefinition:
     spec = parse_dataclass(_StudyFile, read_yaml(path, "study file"), source)
 
     base = with_overrides(_resolve_config(path, spec.base, "base"), spec.overrides, f"{source}: overrides")
+    earlier: dict[str, Param] = {}
     for name, param in spec.space.items():
         _check_param(source, name, param, base)
+        _check_when(source, name, param, earlier)
+        earlier[name] = param
 
     if not spec.objectives:
         raise _fail(source, "objectives", "at least one objective", spec.objectives)
@@ -324,8 +360,11 @@ def load_definition(path: str | Path) -> StudyDefinition:
         cfg = with_overrides(
             _resolve_config(path, b.config, f"baselines[{i}].config"), spec.overrides, f"{source}: overrides"
         )
+        assigned: dict[str, Any] = {}
         for name, param in spec.space.items():
-            value = get_field(cfg, name)
+            if not param.active(assigned):
+                continue
+            value = assigned[name] = get_field(cfg, name)
             if not _within(param, value):
                 raise ConfigError(
                     f"{source}: baselines[{i}] ({b.name}): {name}={value!r} lies outside space.{name}; "

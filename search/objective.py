@@ -36,6 +36,7 @@ __all__ = [
     "TrialObjective",
     "constraint_values",
     "suggest",
+    "suggest_space",
 ]
 
 _log = logging.getLogger(__name__)
@@ -64,6 +65,15 @@ def suggest(trial: optuna.Trial, name: str, p: Param) -> Any:
     if p.type == "int":
         return trial.suggest_int(name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
     return trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
+
+
+def suggest_space(trial: optuna.Trial, space: Mapping[str, Param]) -> dict[str, Any]:
+    """Ask the trial for every field of ``space`` whose condition the fields before it meet."""
+    params: dict[str, Any] = {}
+    for name, p in space.items():
+        if p.active(params):
+            params[name] = suggest(trial, name, p)
+    return params
 
 
 class CollapseWatcher:
@@ -145,7 +155,7 @@ class TrialObjective:
         self._data: Dataset | None = None
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
-        params = {name: suggest(trial, name, p) for name, p in self.definition.space.items()}
+        params = suggest_space(trial, self.definition.space)
         baseline = trial.user_attrs.get(BASELINE_ATTR)
         try:
             cfg = self.definition.config_for(params, baseline)

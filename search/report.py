@@ -339,11 +339,14 @@ def _hypervolume_files(history: list[tuple[int, float]], out: Path) -> tuple[Pat
 
 
 def _importances(study: optuna.Study, definition: StudyDefinition) -> dict[str, dict[str, float]] | str:
-    n_complete = len(_complete(study))
+    complete = _complete(study)
     if not definition.space:
         return "skipped: the study searches no parameters"
-    if n_complete < 2:
-        return f"skipped: importances need at least 2 complete trials, the study has {n_complete}"
+    if len(complete) < 2:
+        return f"skipped: importances need at least 2 complete trials, the study has {len(complete)}"
+    # PED-ANOVA ranks a conditional parameter over the trials where it was searched, but
+    # refuses one that no complete trial has searched yet: that one is left out (NaN).
+    params = [p for p in definition.space if any(p in t.params for t in complete)]
     targets: dict[str, Callable[[FrozenTrial], float] | None] = {}
     if len(definition.objectives) > 1:
         targets["pareto"] = None
@@ -355,9 +358,7 @@ def _importances(study: optuna.Study, definition: StudyDefinition) -> dict[str, 
             # PED-ANOVA warns that it treats lower targets as better: the sign above sees to that.
             warnings.simplefilter("ignore")
             try:
-                result[name] = optuna.importance.get_param_importances(
-                    study, target=target, params=list(definition.space)
-                )
+                result[name] = optuna.importance.get_param_importances(study, target=target, params=params)
             except (ValueError, RuntimeError) as e:
                 _log.warning("parameter importances for %s could not be computed: %s", name, e)
                 return f"skipped: {name}: {e}"

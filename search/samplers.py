@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,13 @@ __all__ = ["SAMPLER_BUILDERS", "make_sampler"]
 
 def _tpe(seed: int | None, options: dict[str, Any]) -> optuna.samplers.BaseSampler:
     # Constant liar keeps parallel workers from proposing the same point while trials run.
-    return optuna.samplers.TPESampler(seed=seed, **{"constant_liar": True, "multivariate": True, **options})
+    # `group` keeps the multivariate model over conditional parameters (fields with `when`)
+    # instead of falling back to independent sampling; on a flat space it proposes the same.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=seed, **{"constant_liar": True, "multivariate": True, "group": True, **options}
+        )
 
 
 def _nsga2(seed: int | None, options: dict[str, Any]) -> optuna.samplers.BaseSampler:

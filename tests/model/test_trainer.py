@@ -153,9 +153,10 @@ def test_cuda_without_a_gpu_is_a_clear_error(cache: Path) -> None:
 
 
 @pytest.mark.slow
-def test_compiled_step_trains_on_the_cpu(cache: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("output", ["regression", "copula"])
+def test_compiled_step_trains_on_the_cpu(output: str, cache: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="model.trainer"):
-        result = train(tiny_config(**{"train.compile": True, "train.epochs": 1}))
+        result = train(tiny_config(**{"train.compile": True, "train.epochs": 1, "model.output": output}))
     assert not [r for r in caplog.records if "torch.compile failed" in r.getMessage()]
     assert all(math.isfinite(result.history[0][k]) for k in LOSS_TERMS)
     assert set(result.metrics) == set(METRICS)

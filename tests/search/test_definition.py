@@ -62,11 +62,55 @@ INVALID: dict[str, tuple[dict[str, Any], list[str]]] = {
         {"space": {"loss.beta_kll": {"type": "float", "low": 0.01, "high": 1.0}}},
         ["space.loss.beta_kll", "not a field of the training config"],
     ),
+    "condition on a field declared below": (
+        {
+            "space": {
+                "loss.free_bits": {
+                    "type": "float",
+                    "low": 0.0,
+                    "high": 1.0,
+                    "when": {"loss.kl_mode": ["plain"]},
+                },
+                "loss.kl_mode": {"type": "categorical", "choices": ["plain", "free_bits_batch"]},
+            }
+        },
+        [
+            "space.loss.free_bits.when.loss.kl_mode",
+            "a categorical parameter declared above it",
+            "loss.kl_mode",
+        ],
+    ),
+    "condition on a value that is not a choice": (
+        {
+            "space": {
+                "model.output": {"type": "categorical", "choices": ["regression", "copula"]},
+                "model.noise_length": {
+                    "type": "float",
+                    "low": 0.5,
+                    "high": 4.0,
+                    "when": {"model.output": ["copulaa"]},
+                },
+            }
+        },
+        ["space.model.noise_length.when.model.output", "['regression', 'copula']", "copulaa"],
+    ),
     "baseline outside the space": (
         {"baselines": {"strong": {"loss.beta_kl": 5.0}}},
         ["baselines[0] (strong)", "loss.beta_kl=5.0", "outside space.loss.beta_kl"],
     ),
 }
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[2] / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_study_loads_and_its_baselines_enqueue(path: Path) -> None:
+    definition = load_definition(path)
+    assert definition.name == path.stem
+    for name in definition.baselines:
+        params = definition.baseline_params(name)
+        assert definition.config_for(params, name) == definition.baselines[name]
 
 
 @pytest.mark.parametrize("case", list(INVALID))
