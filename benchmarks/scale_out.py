@@ -5,7 +5,7 @@ Ours are the real worker loop (:func:`search.worker.run_worker`, heartbeat, stal
 reaping, budget-guarded ask, attributes, artifacts) with training replaced by
 :class:`benchmarks.search_overhead.StandInTrainer` sleeping 1 s; the baseline, in the same
 run, is N raw Optuna processes (``study.optimize`` with the same sampler and a 1 s objective
-that suggests the same seven parameters).
+that suggests the same eight parameters).
 
 Each run starts N processes on a fresh study, waits until every process has begun its first
 trial, lets them run a short while, and then counts the trials completed in a window of

@@ -1,7 +1,7 @@
 """Search efficiency: hypervolume against trial count for each sampler, with 1 and 4 workers.
 
-The study is ``studies/tiny.yaml`` (its seven-parameter space, objectives diversity up and
-ks_stat down, the ``|mass_bias| <= 0.3`` and collapse constraints, reference point [0, 1])
+The study is ``studies/tiny.yaml`` (its eight-parameter space, objectives diversity up and
+ks_stat down, the ``|mass_bias| <= 0.15`` and collapse constraints, reference point [0, 1])
 with training shrunk to CPU size. Running the real objective for every sampler, worker
 count, seed and budget would take hours on two cores, so the objective is a cached
 surrogate: the real :class:`search.objective.TrialObjective` was run once on a Latin

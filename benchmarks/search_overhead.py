@@ -6,7 +6,7 @@ artifact upload, tell) with training replaced by :class:`StandInTrainer`, which 
 realistic :class:`~model.trainer.TrainResult` (every registry metric, a 30-epoch history)
 and writes ``samples.png``, ``metrics.json`` and ``config.yaml`` as the trainer does. The
 baseline, in the same run, on the same PostgreSQL server and with the same sampler, is raw
-``study.optimize`` with an objective that only suggests the same seven parameters.
+``study.optimize`` with an objective that only suggests the same eight parameters.
 
 Overhead per trial is the loop's wall time minus the stand-in's (and the one data load),
 divided by the trials; for raw Optuna it is its whole wall time per trial. The split
@@ -98,6 +98,7 @@ PHASES = (
     "constraints",
     "attrs",
     "artifacts",
+    "records",
     "tell",
 )
 
@@ -415,7 +416,8 @@ def measure_ours(url: str, trials: int, sampler: str = "tpe", study: str = "ours
         (optuna.trial.Trial, "set_constraint", "constraints"),
         (optuna.trial.Trial, "set_user_attr", "attrs"),
         (search.objective, "upload_artifact", "artifacts"),
-        (optuna.study.Study, "tell", "tell"),
+        (search.objective, "set_trial_attrs", "records"),
+        (search.worker, "_tell_with_warning", "tell"),
         (search.objective, "load_data", "data"),
     ):
         timer.wrap(owner, attr, phase)
@@ -444,7 +446,7 @@ def measure_raw(
 ) -> Measurement:
     """``trials`` trials of raw ``study.optimize``, in this process.
 
-    The objective suggests the seven parameters and returns the values; with ``record`` it
+    The objective suggests the eight parameters and returns the values; with ``record`` it
     also sets the same constraints, user attributes and artifacts as our objective does
     (files written by the stand-in, whose time is taken off), as a user of raw Optuna who
     keeps the same records would.
@@ -466,7 +468,8 @@ def measure_raw(
                 result.metrics = metrics
                 for key, value in constraint_values(definition, metrics, None).items():
                     trial.set_constraint(key, value)
-                TrialObjective._record(trial, result)
+                for key, value in TrialObjective.attrs(trial, result).items():
+                    trial.set_user_attr(key, value)
                 for name in ("samples.png", "metrics.json", "config.yaml"):
                     optuna.artifacts.upload_artifact(
                         artifact_store=store, file_path=str(Path(out) / name), study_or_trial=trial
@@ -554,11 +557,13 @@ def run_overhead(
             row[phase] = 1000 * statistics.fmean(m.phases[phase] for m in by_variant[variant])
         rows.append(row)
     ours, recording = rows[2], rows[1]
+    n_params = len(bench_definition(trials, sampler).space)
     text = "\n".join(
         [
-            f"search overhead per trial ({sampler} sampler, 7 parameters, {trials} trials per run, {repeats} "
-            f"run(s) each, PostgreSQL at 127.0.0.1; load average before {loads[0]:.2f}, busy cores between "
-            f"runs <= {max(loads[1:], default=float('nan')):.2f}); phase columns in ms per trial",
+            f"search overhead per trial ({sampler} sampler, {n_params} parameters, {trials} trials per run, "
+            f"{repeats} run(s) each, PostgreSQL at 127.0.0.1; load average before {loads[0]:.2f}, "
+            f"busy cores between runs <= {max(loads[1:], default=float('nan')):.2f}); "
+            "phase columns in ms per trial",
             table(
                 rows,
                 [

@@ -21,11 +21,13 @@ from typing import Any
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
 
 from model.config import Config, ConfigError, config_to_dict
 from model.data import Dataset, load_data
 from model.trainer import EpochReport, TrainingDiverged, TrainResult, train
 from search.definition import Collapse, Param, StudyDefinition
+from search.storage import set_trial_attrs
 from search.study import BASELINE_ATTR
 
 __all__ = [
@@ -173,10 +175,9 @@ class TrialObjective:
             finally:
                 self._interruptible(False)
             constraints = constraint_values(self.definition, result.metrics, result.stopped)
-            for key, value in constraints.items():
-                trial.set_constraint(key, value)
-            self._record(trial, result)
-            self._upload(trial, Path(tmp))
+            system_attrs = {f"{_CONSTRAINTS_KEY}:{key}": value for key, value in constraints.items()}
+            system_attrs.update(self._upload(trial, Path(tmp)))
+            set_trial_attrs(trial, self.attrs(trial, result), system_attrs)
         values = [result.metrics.get(o.metric, math.nan) for o in self.definition.objectives]
         bad = [
             o.metric for o, v in zip(self.definition.objectives, values, strict=True) if not math.isfinite(v)
@@ -195,8 +196,8 @@ class TrialObjective:
         return self._data
 
     @staticmethod
-    def _record(trial: optuna.Trial, result: TrainResult) -> None:
-        # Grouped attributes: one storage write each, so recording stays a small share of a trial.
+    def attrs(trial: optuna.Trial, result: TrainResult) -> dict[str, Any]:
+        """The user attributes a trial records, grouped so that the dashboard shows a few."""
         losses = result.history[-1] if result.history else {}
         attrs: dict[str, Any] = {
             "metrics": result.metrics,
@@ -217,17 +218,37 @@ class TrialObjective:
             attrs[RUNTIME_ATTR][PEAK_GPU_MEMORY_ATTR] = result.peak_gpu_memory_bytes
         if "fail_reason" in trial.user_attrs:  # inherited from the failed attempt this retries
             attrs["fail_reason"] = None
-        for key, value in attrs.items():
-            trial.set_user_attr(key, _finite(value))
+        return {key: _finite(value) for key, value in attrs.items()}
 
-    def _upload(self, trial: optuna.Trial, out: Path) -> None:
+    def _upload(self, trial: optuna.Trial, out: Path) -> dict[str, Any]:
+        """Store the trial's files; their entries, to be recorded with its other attributes."""
+        entries = _ArtifactEntries(trial._trial_id)
         names = ["samples.png", "metrics.json", "config.yaml"]
         if self.definition.save_checkpoints:
             names.append("checkpoint.pt")
         for name in names:
             path = out / name
             if path.exists():
-                upload_artifact(artifact_store=self.artifact_store, file_path=str(path), study_or_trial=trial)
+                upload_artifact(
+                    artifact_store=self.artifact_store,
+                    file_path=str(path),
+                    study_or_trial=trial,
+                    storage=entries,  # type: ignore[arg-type]
+                )
+        return entries.attrs
+
+
+class _ArtifactEntries:
+    """Takes the entry :func:`optuna.artifacts.upload_artifact` would write to the storage at
+    once, so that it goes in with the trial's other attributes in one transaction."""
+
+    def __init__(self, trial_id: int) -> None:
+        self.trial_id = trial_id
+        self.attrs: dict[str, Any] = {}
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        assert trial_id == self.trial_id
+        self.attrs[key] = value
 
 
 def _finite(value: Any) -> Any:

@@ -6,9 +6,9 @@ storage for many workers; ``grpc://host:port`` reaches one through Optuna's stor
 
 :class:`SearchStorage` is the RDB storage as cvae-search uses it:
 
-- connections are checked before use (``pool_pre_ping``; Optuna turns it on for MySQL only),
-  so an idle connection dropped during a long epoch does not kill a worker, and each process
-  keeps a small bounded pool;
+- a pooled connection that sat idle for a while is checked before use (a ping, as
+  ``pool_pre_ping`` does on every use: a round trip per storage call), so one dropped during
+  a long epoch does not kill a worker, and each process keeps a small bounded pool;
 - a call that finds the database unreachable (a restart, a failover) is retried for up to
   ``CVAE_SEARCH_RECONNECT`` seconds before the error is raised;
 - Optuna's heartbeat with a grace period marks the trials of dead workers stale, and
@@ -33,18 +33,22 @@ import copy
 import datetime
 import fcntl
 import functools
+import json
 import logging
 import os
 import re
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
 import sqlalchemy
+import sqlalchemy.dialects.postgresql
+import sqlalchemy.dialects.sqlite
+import sqlalchemy.orm
 from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat
@@ -68,6 +72,7 @@ __all__ = [
     "redact",
     "resolve_storage_url",
     "search_storage",
+    "set_trial_attrs",
 ]
 
 _log = logging.getLogger(__name__)
@@ -76,6 +81,11 @@ DEFAULT_STORAGE = "sqlite:///cvae-search.db"
 BUDGET_ATTR = "cvae_search:n_trials"
 MAX_RETRIES_ATTR = "cvae_search:max_retries"
 HEARTBEAT_ATTR = "cvae_search:heartbeat"
+_UPSERT_DIALECTS = {
+    "postgresql": sqlalchemy.dialects.postgresql.insert,
+    "sqlite": sqlalchemy.dialects.sqlite.insert,
+}
+"""Dialects whose INSERT takes ``ON CONFLICT DO UPDATE`` over many rows in one statement."""
 LIVE_STATES = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
 _ATTEMPT_ATTR_PREFIXES = (_CONSTRAINTS_KEY, ARTIFACTS_ATTR_PREFIX)
 
@@ -178,7 +188,7 @@ def _is_disconnect(e: BaseException) -> bool:
 
 
 class SearchStorage(RDBStorage):
-    """RDB storage with pre-ping, reconnection, heartbeat relay and an exact trial budget
+    """RDB storage with idle pings, reconnection, heartbeat relay and an exact trial budget
     (module docstring)."""
 
     def __init__(self, url: str, settings: StorageSettings | None = None) -> None:
@@ -186,8 +196,9 @@ class SearchStorage(RDBStorage):
         self.settings = settings or StorageSettings()
         self._local = threading.local()
         self._silent_since: dict[int, float] = {}
+        self._budgets: dict[int, int] = {}
         self._silent_lock = threading.Lock()
-        engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        engine_kwargs: dict[str, Any] = {}
         if url.startswith("postgresql"):
             engine_kwargs.update(
                 pool_size=self.settings.pool_size,
@@ -205,6 +216,7 @@ class SearchStorage(RDBStorage):
                 grace_period=self.settings.grace_period,
                 heartbeat_stale_trial_callback=StudyRetry(),
             )
+        _ping_when_idle(self.engine, IDLE_PING_S)
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
@@ -246,6 +258,61 @@ class SearchStorage(RDBStorage):
             return
         super().set_trial_system_attr(trial_id, key, value)
 
+    def set_trial_attrs(
+        self, trial_id: int, user_attrs: Mapping[str, Any], system_attrs: Mapping[str, Any]
+    ) -> None:
+        """Set several attributes of a running trial in one transaction.
+
+        Optuna's setters commit one attribute each, and a trial's records (constraints,
+        grouped user attributes, artifact entries) are a dozen: on a server that flushes
+        every commit to disk that was most of the search's own time per trial
+        (benchmarks/RESULTS.md, section 4).
+        """
+        with _create_scoped_session(self.scoped_session, True) as session:
+            trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+            self.check_trial_is_updatable(trial_id, trial.state)
+            for model_cls, attrs in (
+                (models.TrialUserAttributeModel, user_attrs),
+                (models.TrialSystemAttributeModel, system_attrs),
+            ):
+                if attrs:
+                    self._upsert_attrs(session, model_cls, trial_id, attrs)
+
+    def _upsert_attrs(
+        self,
+        session: sqlalchemy.orm.Session,
+        model_cls: type[models.TrialUserAttributeModel | models.TrialSystemAttributeModel],
+        trial_id: int,
+        attrs: Mapping[str, Any],
+    ) -> None:
+        insert = _UPSERT_DIALECTS.get(self.engine.name)
+        if insert is None:  # Optuna's own upsert, one statement an attribute
+            for key, value in attrs.items():
+                self._set_trial_attr_without_commit(session, model_cls, trial_id, key, value)
+            return
+        stmt = insert(model_cls).values(
+            [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
+        )
+        session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[model_cls.trial_id, model_cls.key],
+                set_={"value_json": stmt.excluded.value_json},
+            )
+        )
+
+    def count_trials(self, study_id: int) -> dict[TrialState, int]:
+        """The study's trials by state, counted by the database (no trial is loaded)."""
+        with _create_scoped_session(self.scoped_session) as session:
+            rows = (
+                session.query(models.TrialModel.state, sqlalchemy.func.count(models.TrialModel.trial_id))
+                .filter(models.TrialModel.study_id == study_id)
+                .group_by(models.TrialModel.state)
+                .all()
+            )
+        counts = dict.fromkeys(TrialState, 0)
+        counts.update({state: int(n) for state, n in rows})
+        return counts
+
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
@@ -257,17 +324,28 @@ class SearchStorage(RDBStorage):
     def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
         # Optuna's cached storage, which every loaded study uses, calls this method rather
         # than create_new_trial, so the budget is enforced here.
-        budget = self.get_study_system_attrs(study_id).get(BUDGET_ATTR)
+        budget = self._budget(study_id)
         if budget is None:
             trial = super()._create_new_trial(study_id, template_trial)
         else:
             with self.study_lock(study_id):
-                if self._count_live(study_id) >= budget:
+                counts = self.count_trials(study_id)
+                if sum(counts[s] for s in LIVE_STATES) >= budget:
                     raise BudgetExhausted(f"BudgetExhausted: study {study_id} has its {budget} trials")
                 trial = super()._create_new_trial(study_id, template_trial)
         if trial.state == TrialState.RUNNING:
             self._first_heartbeat(trial._trial_id)
         return trial
+
+    def _budget(self, study_id: int) -> int | None:
+        # Written once, when the study is created: a value once read holds, and reading it
+        # again would load every study attribute (the definition among them) on each ask.
+        if study_id not in self._budgets:
+            budget = self.get_study_system_attrs(study_id).get(BUDGET_ATTR)
+            if budget is None:
+                return None
+            self._budgets[study_id] = budget
+        return self._budgets[study_id]
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         """Optuna's stale trials (last heartbeat older than the grace period), and the running
@@ -312,15 +390,6 @@ class SearchStorage(RDBStorage):
             self.record_heartbeat(trial_id)
         except Exception as e:  # the worker's own heartbeat records it a moment later
             _log.warning("first heartbeat of trial %d not recorded: %s", trial_id, _first_line(e))
-
-    def _count_live(self, study_id: int) -> int:
-        with _create_scoped_session(self.scoped_session) as session:
-            count = (
-                session.query(sqlalchemy.func.count(models.TrialModel.trial_id))
-                .filter(models.TrialModel.study_id == study_id, models.TrialModel.state.in_(LIVE_STATES))
-                .scalar()
-            )
-        return int(count or 0)
 
     @contextlib.contextmanager
     def study_lock(self, study_id: int) -> Iterator[None]:
@@ -381,6 +450,32 @@ class SearchStorage(RDBStorage):
             yield
 
 
+IDLE_PING_S = 5.0
+"""A pooled connection idle this long is pinged before use. A connection that dies while in
+use, or in a shorter pause, fails its call, which :meth:`SearchStorage._reconnecting` retries."""
+
+
+def _ping_when_idle(engine: sqlalchemy.Engine, idle_s: float) -> None:
+    @sqlalchemy.event.listens_for(engine, "checkin")
+    def _idle_from(dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @sqlalchemy.event.listens_for(engine, "checkout")
+    def _ping(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < idle_s:
+            return
+        try:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute("SELECT 1")
+            finally:
+                cursor.close()
+        except Exception as e:
+            # The pool drops this connection and checks out a fresh one (up to three tries).
+            raise sqlalchemy.exc.DisconnectionError(_first_line(e)) from e
+
+
 def _with_reconnect(name: str) -> Callable[..., Any]:
     method = getattr(SearchStorage, name)
 
@@ -395,6 +490,8 @@ def _with_reconnect(name: str) -> Callable[..., Any]:
 for _name in (
     *(n for n in dir(BaseStorage) if not n.startswith("_")),
     "record_heartbeat",
+    "set_trial_attrs",
+    "count_trials",
     "_get_stale_trial_ids",
     "_create_new_trial",
     "_set_trial_param",
@@ -431,6 +528,21 @@ def _known_experimental() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         yield
+
+
+def set_trial_attrs(
+    trial: optuna.Trial, user_attrs: Mapping[str, Any], system_attrs: Mapping[str, Any]
+) -> None:
+    """Set a running trial's attributes: in one transaction on a :class:`SearchStorage`, one
+    call each elsewhere (behind the gRPC proxy)."""
+    storage = search_storage(trial.storage)
+    if storage is not None:
+        storage.set_trial_attrs(trial._trial_id, user_attrs, system_attrs)
+        return
+    for key, value in user_attrs.items():
+        trial.storage.set_trial_user_attr(trial._trial_id, key, value)
+    for key, value in system_attrs.items():
+        trial.storage.set_trial_system_attr(trial._trial_id, key, value)
 
 
 def search_storage(storage: BaseStorage) -> SearchStorage | None:

@@ -38,6 +38,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.study._tell import _tell_with_warning
 from optuna.trial import TrialState
 
 from search.definition import StudyDefinition
@@ -127,7 +128,8 @@ def _heartbeat(storage: BaseStorage, trial_id: int, interval: float) -> Iterator
             except Exception as e:  # the database may be restarting; the next beat retries
                 _log.warning("heartbeat for trial %d failed: %s", trial_id, e)
 
-    beat()
+    # No beat here: the storage beat when the trial became RUNNING (SearchStorage, also
+    # behind the proxy), and the loop's first beat comes within the grace period.
     thread = threading.Thread(target=loop, name=f"heartbeat-{trial_id}", daemon=True)
     thread.start()
     try:
@@ -138,6 +140,9 @@ def _heartbeat(storage: BaseStorage, trial_id: int, interval: float) -> Iterator
 
 
 def _counts(study: optuna.Study) -> dict[TrialState, int]:
+    storage = search_storage(study._storage)
+    if storage is not None:  # one COUNT ... GROUP BY instead of loading every trial
+        return storage.count_trials(study._study_id)
     counts = dict.fromkeys(TrialState, 0)
     for t in study.get_trials(deepcopy=False):
         counts[t.state] += 1
@@ -280,7 +285,10 @@ def _run_trial(
         _fail(study, trial, f"{type(e).__name__}: {e}", retry=True)
         summary.failed += 1
         return
-    if study.tell(trial, values, skip_if_finished=True).state != TrialState.COMPLETE:
+    # Told as Optuna's own optimize loop tells: Study.tell would load and copy the finished
+    # trial, its whole history included, only to return it.
+    state, _, _ = _tell_with_warning(study=study, trial=trial, value_or_values=values, skip_if_finished=True)
+    if state != TrialState.COMPLETE:
         _finished_elsewhere(trial)
         return
     summary.completed += 1

@@ -6,13 +6,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
+import sqlalchemy
 
-from model.trainer import EpochReport
+import search.objective
+from model.trainer import EpochReport, TrainResult, train
 from search.definition import Collapse, StudyDefinition, load_definition
-from search.objective import CollapseWatcher, constraint_values, suggest
+from search.objective import CollapseWatcher, TrialObjective, constraint_values, suggest
+from search.storage import search_storage
+from tests.search.constructed_studies import new_study, sqlite_storage
 
 RULE = Collapse(after_epoch=2, min_spread_norm=0.05, min_z_usage=0.02)
 HEALTHY = {"spread_norm": 0.2, "z_usage": 0.1, "mass_bias": 0.05, "spatial_correlation": 0.55}
@@ -152,3 +157,37 @@ def test_the_constraint_aware_sampler_proposes_fewer_collapsed_models_than_rando
     tpe = [collapsed_fraction(definition, definition.make_sampler(seed)) for seed in seeds]
     rand = [collapsed_fraction(definition, optuna.samplers.RandomSampler(seed=seed)) for seed in seeds]
     assert sum(tpe) / len(tpe) < 0.5 * sum(rand) / len(rand), (tpe, rand)
+
+
+# --- what a trial records -------------------------------------------------------------------------
+
+
+def test_a_trial_records_everything_after_training_in_one_commit(
+    tiny_study: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    definition = load_definition(tiny_study("one-commit", epochs=1))
+    study = new_study(definition, sqlite_storage(tmp_path)[1])
+    engine = search_storage(study._storage).engine  # type: ignore[union-attr]
+    commits: list[object] = []
+
+    def count_commit(conn: object) -> None:
+        commits.append(conn)
+
+    def train_then_count(*args: Any, **kwargs: Any) -> TrainResult:
+        result = train(*args, **kwargs)
+        sqlalchemy.event.listen(engine, "commit", count_commit)
+        return result
+
+    monkeypatch.setattr(search.objective, "train", train_then_count)
+    trial = study.ask()
+    try:
+        values = TrialObjective(definition, artifact_dir=tmp_path / "artifacts")(trial)
+    finally:
+        sqlalchemy.event.remove(engine, "commit", count_commit)
+    study.tell(trial, values)
+    assert len(commits) == 1
+    done = study.trials[0]
+    assert {"metrics", "losses", "timings", "runtime", "history", "normalization"} <= set(done.user_attrs)
+    bounds = {"|mass_bias|<=0.15", "spatial_correlation>=0.5", "spatial_correlation<=0.6"}
+    assert set(done.constraints) == bounds
+    assert sum(k.startswith("artifacts:") for k in done.system_attrs) == 3

@@ -12,9 +12,11 @@ from pathlib import Path
 import optuna
 import psycopg2
 import pytest
+import sqlalchemy
 from optuna.storages._rdb import models
 from optuna.trial import TrialState
 
+import search.storage
 from search.storage import (
     BUDGET_ATTR,
     DEFAULT_STORAGE,
@@ -73,6 +75,70 @@ def heartbeat_of(storage: SearchStorage, trial_id: int) -> object:
         return None if beat is None else beat.heartbeat
     finally:
         session.close()
+
+
+# --- a trial's records and counts ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("upsert", ["one statement", "a statement per attribute"])
+def test_a_trials_attributes_go_in_one_transaction(
+    upsert: str,
+    storage: SearchStorage,
+    new_study: Callable[..., optuna.Study],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if upsert == "a statement per attribute":  # as on a database without multi-row upserts
+        monkeypatch.setattr(search.storage, "_UPSERT_DIALECTS", {})
+    study = new_study()
+    finished = study.ask()
+    study.tell(finished, [0.0, 0.0])
+    trial_id = study.ask()._trial_id
+    storage.set_trial_user_attr(trial_id, "stopped", "an earlier attempt's value")
+    commits: list[object] = []
+
+    def count_commit(conn: object) -> None:
+        commits.append(conn)
+
+    sqlalchemy.event.listen(storage.engine, "commit", count_commit)
+    try:
+        storage.set_trial_attrs(
+            trial_id,
+            {"metrics": {"ks_stat": 0.1}, "stopped": None},
+            {"constraints:collapse": -1.0, "artifacts:a1": '{"filename": "samples.png"}'},
+        )
+    finally:
+        sqlalchemy.event.remove(storage.engine, "commit", count_commit)
+    assert len(commits) == 1
+    trial = storage.get_trial(trial_id)
+    assert trial.user_attrs == {"metrics": {"ks_stat": 0.1}, "stopped": None}
+    assert trial.constraints == {"collapse": -1.0}
+    assert trial.system_attrs["artifacts:a1"] == '{"filename": "samples.png"}'
+
+    # All or nothing: a value that cannot be stored leaves none of the batch behind, and a
+    # finished trial takes no more.
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        storage.set_trial_attrs(finished._trial_id, {"metrics": {}}, {})
+    assert "metrics" not in storage.get_trial(finished._trial_id).user_attrs
+    with pytest.raises(TypeError):
+        storage.set_trial_attrs(trial_id, {"losses": {"total": 1.0}, "bad": object()}, {})
+    assert "losses" not in storage.get_trial(trial_id).user_attrs
+
+
+def test_trials_are_counted_by_state_in_the_database(
+    storage: SearchStorage, new_study: Callable[..., optuna.Study]
+) -> None:
+    study = new_study()
+    done, failed, _running = study.ask(), study.ask(), study.ask()
+    study.tell(done, [1.0, 2.0])
+    study.tell(failed, state=TrialState.FAIL)
+    study.enqueue_trial({})
+    assert storage.count_trials(study._study_id) == {
+        **dict.fromkeys(TrialState, 0),
+        TrialState.COMPLETE: 1,
+        TrialState.FAIL: 1,
+        TrialState.RUNNING: 1,
+        TrialState.WAITING: 1,
+    }
 
 
 # --- the budget ---------------------------------------------------------------------------------
@@ -280,9 +346,10 @@ def test_each_worker_gets_its_own_slot(pg_url: str, new_study: Callable[..., opt
 
 
 def test_a_connection_dropped_while_idle_is_replaced(
-    pg_url: str, new_study: Callable[..., optuna.Study]
+    pg_url: str, new_study: Callable[..., optuna.Study], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # No retrying: only the pre-ping stands between a dropped connection and an error.
+    # No retrying: only the idle ping stands between a dropped connection and an error.
+    monkeypatch.setattr(search.storage, "IDLE_PING_S", 0.5)
     storage = SearchStorage(
         pg_url, StorageSettings(heartbeat_interval=1, grace_period=2, reconnect_timeout=0)
     )
@@ -300,9 +367,34 @@ def test_a_connection_dropped_while_idle_is_replaced(
         )
         assert cur.rowcount > 0
     admin.close()
+    time.sleep(0.6)
 
     study.ask()
     assert len(study.get_trials()) == 2
+
+
+def test_a_connection_dropped_in_a_short_pause_fails_one_attempt_that_is_retried(
+    pg_url: str, new_study: Callable[..., optuna.Study], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Busy connections are not pinged (a round trip per call); the retry covers them instead.
+    storage = SearchStorage(pg_url, FAST)
+    study = optuna.load_study(study_name=new_study().study_name, storage=storage)
+    study.ask()
+    admin = psycopg2.connect(
+        storage.engine.url.render_as_string(hide_password=False).replace("+psycopg2", "")
+    )
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    admin.close()
+
+    with caplog.at_level(logging.WARNING, logger="search.storage"):
+        study.ask()
+    assert len(study.get_trials()) == 2
+    assert "storage unreachable" in caplog.text
 
 
 # --- where the storage is -------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import shutil
 import signal
@@ -20,13 +21,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 import yaml
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from search.cli import main
-from search.storage import HEARTBEAT_ATTR
+from search.storage import HEARTBEAT_ATTR, SearchStorage
+from search.worker import WorkerSummary, _run_trial
 from tests.conftest import CliProcesses
 
 pytestmark = pytest.mark.postgres
@@ -421,3 +424,30 @@ def test_workers_behind_the_grpc_proxy(
     assert proxy.poll() is None
     # The workers' heartbeats went into Optuna's heartbeat table, not into the trials.
     assert not any(HEARTBEAT_ATTR in t.system_attrs for t in trials)
+    # Without a database connection of their own, the workers record each attribute through
+    # the proxy: the same records as a direct worker's.
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            assert {"metrics", "losses", "runtime", "history"} <= set(t.user_attrs)
+            assert len(t.constraints) == 3  # |mass_bias| and spatial_correlation's two bounds
+            assert sum(k.startswith("artifacts:") for k in t.system_attrs) == 3
+
+
+def test_a_trial_finished_elsewhere_meanwhile_is_dropped_not_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    storage = SearchStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(storage=storage, directions=["maximize", "minimize"])
+    trial = study.ask()
+
+    def reaped_while_training(t: optuna.Trial) -> list[float]:
+        # What the reaper of another process does to a worker cut off past the grace period.
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        return [1.0, 0.5]
+
+    summary = WorkerSummary()
+    with caplog.at_level(logging.WARNING, logger="search.worker"):
+        _run_trial(study, trial, reaped_while_training, summary)  # type: ignore[arg-type]
+    assert (summary.completed, summary.failed) == (0, 0)
+    assert study.trials[0].state == TrialState.FAIL and study.trials[0].values is None
+    assert "already finished by another process" in caplog.text
