@@ -19,6 +19,8 @@ storage for many workers; ``grpc://host:port`` reaches one through Optuna's stor
   is stale once this process has seen it silent for longer than the grace period;
 - a heartbeat sent as a trial system attribute (what a worker behind the gRPC proxy can
   send) is recorded as an Optuna heartbeat rather than stored;
+- a trial's records (constraints, user attributes, artifact entries) can be written in one
+  transaction (:func:`set_trial_attrs`), where Optuna's setters commit one at a time;
 - creating a trial is refused with :class:`BudgetExhausted` once the study's budget of
   live trials (waiting, running, complete, pruned) is taken; the check and the insert happen
   under the study's lock (a PostgreSQL advisory lock, a file lock for SQLite), so any number

@@ -345,17 +345,8 @@ def test_each_worker_gets_its_own_slot(pg_url: str, new_study: Callable[..., opt
 # --- connections ----------------------------------------------------------------------------------
 
 
-def test_a_connection_dropped_while_idle_is_replaced(
-    pg_url: str, new_study: Callable[..., optuna.Study], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # No retrying: only the idle ping stands between a dropped connection and an error.
-    monkeypatch.setattr(search.storage, "IDLE_PING_S", 0.5)
-    storage = SearchStorage(
-        pg_url, StorageSettings(heartbeat_interval=1, grace_period=2, reconnect_timeout=0)
-    )
-    study = optuna.load_study(study_name=new_study().study_name, storage=storage)
-    study.ask()
-
+def drop_connections(storage: SearchStorage) -> None:
+    """Terminate every other connection to the storage's database, as a restart would."""
     admin = psycopg2.connect(
         storage.engine.url.render_as_string(hide_password=False).replace("+psycopg2", "")
     )
@@ -367,6 +358,20 @@ def test_a_connection_dropped_while_idle_is_replaced(
         )
         assert cur.rowcount > 0
     admin.close()
+
+
+def test_a_connection_dropped_while_idle_is_replaced(
+    pg_url: str, new_study: Callable[..., optuna.Study], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No retrying: only the idle ping stands between a dropped connection and an error.
+    monkeypatch.setattr(search.storage, "IDLE_PING_S", 0.5)
+    storage = SearchStorage(
+        pg_url, StorageSettings(heartbeat_interval=1, grace_period=2, reconnect_timeout=0)
+    )
+    study = optuna.load_study(study_name=new_study().study_name, storage=storage)
+    study.ask()
+
+    drop_connections(storage)
     time.sleep(0.6)
 
     study.ask()
@@ -380,16 +385,7 @@ def test_a_connection_dropped_in_a_short_pause_fails_one_attempt_that_is_retried
     storage = SearchStorage(pg_url, FAST)
     study = optuna.load_study(study_name=new_study().study_name, storage=storage)
     study.ask()
-    admin = psycopg2.connect(
-        storage.engine.url.render_as_string(hide_password=False).replace("+psycopg2", "")
-    )
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        )
-    admin.close()
+    drop_connections(storage)
 
     with caplog.at_level(logging.WARNING, logger="search.storage"):
         study.ask()
