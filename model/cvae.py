@@ -6,7 +6,8 @@ high-resolution fields shared by every sample (``None`` when S is 0), ``z`` [B, 
 
 Encoder: the fine field, the coarse predictors (nearest-upsampled to the fine grid) and the
 static fields -> conv stem -> three strided stages of residual blocks -> average pool to the
-coarse grid -> linear -> ``mu``, ``logvar``.
+coarse grid (``encoder_pool: grid``; the stages' own 1/8 grid where that is coarser) or to one
+cell (``global``) -> linear -> ``mu``, ``logvar``.
 
 Decoder: coarse predictors -> conv features on the coarse grid; ``z`` -> linear -> a
 ``channels x h x w`` map, so the latent can place structure in space rather than only shift
@@ -206,7 +207,7 @@ class CVAE(nn.Module):
         for _ in range(_N_ENCODER_STAGES):
             enc += [_conv(c_in, 2 * c, stride=2), _res_stack(2 * c, n_res)]
             c_in = 2 * c
-        pooled = (1, 1) if cfg.encoder_pool == "global" else (self.coarse_height, self.coarse_width)
+        pooled = (1, 1) if cfg.encoder_pool == "global" else self._grid_pool(height, width)
         enc += [
             _norm(2 * c),
             nn.SiLU(),
@@ -243,6 +244,13 @@ class CVAE(nn.Module):
             )
 
     # --- construction from a checkpoint ---------------------------------------------------------
+
+    def _grid_pool(self, height: int, width: int) -> tuple[int, int]:
+        """The grid encoder's pooled size: the coarse grid, or the stages' own grid where that
+        is coarser (factor < 8), since pooling up to a finer grid would only repeat features."""
+        for _ in range(_N_ENCODER_STAGES):  # stride-2, padding-1 convolutions
+            height, width = (height + 1) // 2, (width + 1) // 2
+        return min(self.coarse_height, height), min(self.coarse_width, width)
 
     def model_args(self) -> dict[str, Any]:
         """Plain JSON-able constructor arguments; ``CVAE.from_args`` rebuilds the same model."""

@@ -72,6 +72,27 @@ def test_shapes(grid: tuple[int, int, int], output: str, prior: str) -> None:
     assert model.reconstruct_mean(fine, coarse, static).shape == (3, 1, h, w)
 
 
+@pytest.mark.parametrize(
+    ("height", "width", "factor", "pooled"),
+    [
+        (16, 16, 2, (2, 2)),  # the stages leave 2x2: a finer coarse grid would repeat features
+        (16, 16, 4, (2, 2)),
+        (16, 16, 8, (2, 2)),
+        (16, 16, 16, (1, 1)),  # a coarser coarse grid is pooled to
+        (20, 12, 4, (3, 2)),
+        (24, 36, 12, (2, 3)),
+    ],
+)
+def test_the_grid_encoder_pools_to_the_coarser_of_its_own_grid_and_the_coarse_grid(
+    height: int, width: int, factor: int, pooled: tuple[int, int]
+) -> None:
+    model = _model(height, width, factor)
+    pool = next(m for m in model.encoder if isinstance(m, torch.nn.AdaptiveAvgPool2d))
+    assert tuple(pool.output_size) == pooled
+    fine, coarse, static = _inputs(model)
+    assert model(fine, coarse, static).mu.shape == (3, 6)
+
+
 def test_without_static_fields() -> None:
     model = _model(n_static=0)
     fine, coarse, static = _inputs(model)
