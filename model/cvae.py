@@ -243,14 +243,14 @@ class CVAE(nn.Module):
                 last,
             )
 
-    # --- construction from a checkpoint ---------------------------------------------------------
-
     def _grid_pool(self, height: int, width: int) -> tuple[int, int]:
         """The grid encoder's pooled size: the coarse grid, or the stages' own grid where that
         is coarser (factor < 8), since pooling up to a finer grid would only repeat features."""
         for _ in range(_N_ENCODER_STAGES):  # stride-2, padding-1 convolutions
             height, width = (height + 1) // 2, (width + 1) // 2
         return min(self.coarse_height, height), min(self.coarse_width, width)
+
+    # --- construction from a checkpoint ---------------------------------------------------------
 
     def model_args(self) -> dict[str, Any]:
         """Plain JSON-able constructor arguments; ``CVAE.from_args`` rebuilds the same model."""

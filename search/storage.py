@@ -226,9 +226,10 @@ class SearchStorage(RDBStorage):
         return state
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
-        super().__setstate__(state)
+        super().__setstate__(state)  # a new engine
         self._local = threading.local()
         self._silent_lock = threading.Lock()
+        _ping_when_idle(self.engine, IDLE_PING_S)
 
     def _reconnecting(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run one storage call, retrying it while the database is unreachable.

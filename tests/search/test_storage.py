@@ -4,6 +4,7 @@ reconnection, and where the URL comes from."""
 from __future__ import annotations
 
 import logging
+import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -360,14 +361,17 @@ def drop_connections(storage: SearchStorage) -> None:
     admin.close()
 
 
+@pytest.mark.parametrize("copy", ["as opened", "unpickled"])
 def test_a_connection_dropped_while_idle_is_replaced(
-    pg_url: str, new_study: Callable[..., optuna.Study], monkeypatch: pytest.MonkeyPatch
+    copy: str, pg_url: str, new_study: Callable[..., optuna.Study], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # No retrying: only the idle ping stands between a dropped connection and an error.
     monkeypatch.setattr(search.storage, "IDLE_PING_S", 0.5)
     storage = SearchStorage(
         pg_url, StorageSettings(heartbeat_interval=1, grace_period=2, reconnect_timeout=0)
     )
+    if copy == "unpickled":  # as a storage handed to another process arrives
+        storage = pickle.loads(pickle.dumps(storage))
     study = optuna.load_study(study_name=new_study().study_name, storage=storage)
     study.ask()
 
