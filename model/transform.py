@@ -53,4 +53,4 @@ class Normalizer:
     @property
     def zero(self) -> float:
         """Model-space value of 0 mm/day (a dry cell)."""
-        return -self.stats.target_mean / self.stats.target_std
+        return self.model_value(0.0)
