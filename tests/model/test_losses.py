@@ -368,3 +368,12 @@ def test_total_combines_the_terms_and_kl_per_dim_is_detached() -> None:
     torch.testing.assert_close(t.kl_per_dim.sum(), t.kl_raw.detach())
     assert not t.kl_per_dim.requires_grad and t.kl_per_dim.shape == (3,)
     assert all(v.dim() == 0 for v in (t.total, t.recon, t.kl, t.kl_raw, t.grad, t.mass))
+
+
+@pytest.mark.parametrize("transform", ["log1p", "none"])
+def test_the_scalar_model_values_agree_with_to_model(transform: str) -> None:
+    norm = Normalizer(STATS, transform)
+    mm = [0.0, 0.1, 2.5, 40.0]
+    expected = norm.to_model(torch.tensor(mm, dtype=torch.float64)).tolist()
+    assert [norm.model_value(x) for x in mm] == pytest.approx(expected)
+    assert norm.zero == pytest.approx(expected[0])
