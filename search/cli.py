@@ -43,6 +43,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from model.config import load_config, with_overrides
     from model.trainer import train
+    from search.reproduce import compare_run, read_provenance, threads_note
 
     cfg = load_config(args.config)
     overrides = {}
@@ -53,6 +54,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides[key] = yaml.safe_load(value)
     if overrides:
         cfg = with_overrides(cfg, overrides, "--set")
+    provenance = read_provenance(args.config)
+    note = provenance and threads_note(provenance, cfg)
+    if note:
+        print(note, file=sys.stderr)
 
     result = train(cfg, out_dir=args.output, callbacks=[_progress])
     width = max(len(k) for k in result.metrics)
@@ -62,6 +67,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"\n{result.epochs_run} epochs on {result.device} ({result.precision}), "
         f"{result.timings['samples_per_s']:,.0f} samples/s; outputs in {args.output}"
     )
+    for line in compare_run(provenance, result, list(overrides)) if provenance else ():
+        print(line)
     return 0
 
 
