@@ -25,7 +25,7 @@ def test_train_of_an_export_reproduces_a_one_thread_worker_trial_exactly(
 ) -> None:
     if (os.cpu_count() or 1) < 2:
         pytest.skip("one CPU core: one thread and all cores are the same run here")
-    study_file = tiny_study(STUDY, n_trials=1, epochs=3)
+    study_file = tiny_study(STUDY, n_trials=1, epochs=2)
     url = f"sqlite:///{tmp_path / 'study.db'}"
     assert cli.run("create", str(study_file), "--storage", url).returncode == 0
     # The worker trains as the demo's do: CVAE_SEARCH_THREADS=1 (set in the cli fixture's env).
