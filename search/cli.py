@@ -197,21 +197,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from search.dashboard import DashboardUnavailable, serve
     from search.storage import redact, resolve_storage_url
 
-    url = resolve_storage_url(args.storage)
-    cmd = [
-        "optuna-dashboard",
-        url,
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-        "--artifact-dir",
-        _artifact_dir(args.artifact_dir),
-    ]
-    print(f"optuna-dashboard on http://{args.host}:{args.port} for {redact(url)}", file=sys.stderr)
-    os.execvp(cmd[0], cmd)
+    url = resolve_storage_url(args.storage)  # stays in this process: never on a command line
+
+    def ready(address: str) -> None:
+        print(f"optuna-dashboard on {address} for {redact(url)}", file=sys.stderr, flush=True)
+
+    try:
+        serve(
+            url,
+            host=args.host,
+            port=args.port,
+            artifact_dir=_artifact_dir(args.artifact_dir),
+            refresh_s=args.refresh,
+            ready=ready,
+        )
+    except DashboardUnavailable as e:
+        print(f"cvae-search dashboard: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
 
 
 def _cmd_proxy(args: argparse.Namespace) -> int:
@@ -317,7 +323,16 @@ def _parser() -> argparse.ArgumentParser:
     storage(sp)
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8080)
-    sp.add_argument("--artifact-dir")
+    sp.add_argument(
+        "--artifact-dir", help="artifact folder (default: $CVAE_SEARCH_ARTIFACTS or ./cvae-search-artifacts)"
+    )
+    sp.add_argument(
+        "--refresh",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds between updates of the cvae-search plots and notes (default 60; 0: at start only)",
+    )
 
     sp = command(
         "proxy", _cmd_proxy, "Optuna's gRPC storage proxy in front of the database, for many workers"
