@@ -50,14 +50,17 @@ from search.storage import open_storage
 from search.study import BASELINE_ATTR, StudyNotFound, stored_definition
 
 __all__ = [
-    "DashboardUnavailable",
-    "FRONT_PLOT",
     "DOWNSTREAM_ATTR",
     "DOWNSTREAM_PLOT",
+    "DashboardUnavailable",
+    "FRONT_PLOT",
     "HYPERVOLUME_PLOT",
     "VIEWS_ATTR",
+    "downstream_figure",
     "feasibility_view",
     "feasible_best_trials",
+    "front_figure",
+    "hypervolume_figure",
     "refresh_all",
     "refresh_views",
     "serve",
