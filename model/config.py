@@ -167,6 +167,9 @@ class TrainConfig:
     """``auto``: bf16 autocast on CUDA, fp32 on the CPU."""
     compile: bool = False
     """``torch.compile`` the model; falls back to eager with a warning if it fails."""
+    threads: int | None = _num(None, 1)
+    """CPU threads for training and evaluation (``None``: the process's setting, all cores by
+    default). Float sums on the CPU depend on the thread count, so an export sets the trial's."""
     save_checkpoint: bool = True
 
 

@@ -8,11 +8,12 @@ infinite loss stops training with :class:`TrainingDiverged`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -79,6 +80,10 @@ class TrainResult:
     timings: dict[str, float]
     device: str
     precision: str
+    threads: int
+    """CPU threads it ran with: float sums on the CPU, and so the values, depend on them."""
+    cpu_capability: str
+    """The CPU kernels torch chose (``AVX2``, ``AVX512``, ...), which round differently."""
     versions: dict[str, str]
     peak_gpu_memory_bytes: int | None = None
     """Most GPU memory the caching allocator held during training and evaluation; ``None``
@@ -149,6 +154,31 @@ def train(
     Raises:
         TrainingDiverged: A loss term became NaN or infinite.
     """
+    with _cpu_threads(cfg.train.threads):
+        return _train(cfg, out_dir=out_dir, callbacks=callbacks, data=data)
+
+
+@contextlib.contextmanager
+def _cpu_threads(threads: int | None) -> Iterator[None]:
+    """``train.threads`` for the duration of one training run; the process's setting otherwise."""
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(
+    cfg: Config,
+    *,
+    out_dir: str | Path | None,
+    callbacks: Sequence[EpochCallback],
+    data: Dataset | None,
+) -> TrainResult:
     t_start = time.perf_counter()
     device = resolve_device(cfg.train.device)
     bf16 = _use_bf16(cfg, device)
@@ -238,6 +268,8 @@ def train(
         },
         device=str(device),
         precision="bf16" if bf16 else "fp32",
+        threads=torch.get_num_threads(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
         versions=versions(),
         peak_gpu_memory_bytes=peak,
     )
@@ -343,6 +375,8 @@ def _write_outputs(
                 "timings": result.timings,
                 "device": result.device,
                 "precision": result.precision,
+                "threads": result.threads,
+                "cpu_capability": result.cpu_capability,
                 "peak_gpu_memory_bytes": result.peak_gpu_memory_bytes,
                 "versions": result.versions,
             },

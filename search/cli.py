@@ -43,6 +43,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from model.config import load_config, with_overrides
     from model.trainer import train
+    from search.reproduce import compare_run, read_provenance, threads_note
 
     cfg = load_config(args.config)
     overrides = {}
@@ -53,6 +54,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides[key] = yaml.safe_load(value)
     if overrides:
         cfg = with_overrides(cfg, overrides, "--set")
+    provenance = read_provenance(args.config)
+    note = provenance and threads_note(provenance, cfg)
+    if note:
+        print(note, file=sys.stderr)
 
     result = train(cfg, out_dir=args.output, callbacks=[_progress])
     width = max(len(k) for k in result.metrics)
@@ -62,6 +67,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"\n{result.epochs_run} epochs on {result.device} ({result.precision}), "
         f"{result.timings['samples_per_s']:,.0f} samples/s; outputs in {args.output}"
     )
+    for line in compare_run(provenance, result, list(overrides)) if provenance else ():
+        print(line)
     return 0
 
 
@@ -192,21 +199,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from search.dashboard import DashboardUnavailable, serve
     from search.storage import redact, resolve_storage_url
 
-    url = resolve_storage_url(args.storage)
-    cmd = [
-        "optuna-dashboard",
-        url,
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-        "--artifact-dir",
-        _artifact_dir(args.artifact_dir),
-    ]
-    print(f"optuna-dashboard on http://{args.host}:{args.port} for {redact(url)}", file=sys.stderr)
-    os.execvp(cmd[0], cmd)
+    url = resolve_storage_url(args.storage)  # stays in this process: never on a command line
+
+    def ready(address: str) -> None:
+        print(f"optuna-dashboard on {address} for {redact(url)}", file=sys.stderr, flush=True)
+
+    try:
+        serve(
+            url,
+            host=args.host,
+            port=args.port,
+            artifact_dir=_artifact_dir(args.artifact_dir),
+            refresh_s=args.refresh,
+            ready=ready,
+        )
+    except DashboardUnavailable as e:
+        print(f"cvae-search dashboard: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
 
 
 def _cmd_proxy(args: argparse.Namespace) -> int:
@@ -312,7 +325,16 @@ def _parser() -> argparse.ArgumentParser:
     storage(sp)
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8080)
-    sp.add_argument("--artifact-dir")
+    sp.add_argument(
+        "--artifact-dir", help="artifact folder (default: $CVAE_SEARCH_ARTIFACTS or ./cvae-search-artifacts)"
+    )
+    sp.add_argument(
+        "--refresh",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds between updates of the cvae-search plots and notes (default 60; 0: at start only)",
+    )
 
     sp = command(
         "proxy", _cmd_proxy, "Optuna's gRPC storage proxy in front of the database, for many workers"
