@@ -105,9 +105,13 @@ class DataConfig:
     predictor_vars: list[str] = field(default_factory=lambda: ["pr_coarse", "x1_coarse"])
     static_vars: list[str] = field(default_factory=list)
     mask_var: str | None = None
-    """High-resolution static field, non-zero where cells are valid (land)."""
+    """High-resolution static field, non-zero where cells are valid (land). Without it (and
+    always) the target's NaN cells are invalid."""
     mass_var: str | None = "pr_coarse"
     """Coarse predictor in the target's units that the mass term conserves."""
+    missing_predictors: Literal["error", "fill"] = "error"
+    """A predictor's NaN over a coarse cell that covers a valid target cell that day: an error,
+    or (``fill``, for a predictor that has gaps by nature) its training mean, with a warning."""
     time_dim: str = "time"
     fine_dims: list[str] = field(default_factory=lambda: ["lat", "lon"])
     coarse_dims: list[str] = field(default_factory=lambda: ["lat_coarse", "lon_coarse"])
