@@ -42,7 +42,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import yaml
 
     from model.config import load_config, with_overrides
-    from model.trainer import train
+    from model.trainer import resolve_device, train
 
     cfg = load_config(args.config)
     overrides = {}
@@ -53,6 +53,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides[key] = yaml.safe_load(value)
     if overrides:
         cfg = with_overrides(cfg, overrides, "--set")
+    resolve_device(cfg.train.device, f"{args.config}: train.device")  # before any data is read
 
     result = train(cfg, out_dir=args.output, callbacks=[_progress])
     width = max(len(k) for k in result.metrics)
@@ -84,11 +85,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def _cmd_create(args: argparse.Namespace) -> int:
     from search.definition import load_definition
-    from search.storage import open_storage, redact, resolve_storage_url
-    from search.study import create_study
+    from search.storage import check_storage_url, open_storage, redact, resolve_storage_url
+    from search.study import check_study_data, create_study
 
-    definition = load_definition(args.study)  # validated fully before the database is touched
+    # The definition, the storage URL and the data are checked before the storage is touched.
+    definition = load_definition(args.study)
     url = resolve_storage_url(args.storage)
+    check_storage_url(url)
+    for line in check_study_data(definition):
+        print(f"data of {line}")
     study = create_study(definition, open_storage(url))
     print(
         f"study {study.study_name} ready in {redact(url)}: budget {definition.n_trials} trials, "
@@ -99,10 +104,11 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from search.definition import load_definition
-    from search.storage import open_storage
+    from search.storage import check_storage_url, open_storage, resolve_storage_url
     from search.study import load_study
     from search.worker import measured_peaks, parse_per_gpu, plan_processes, run_worker, run_workers
 
+    check_storage_url(resolve_storage_url(args.storage), must_exist=True)
     local = load_definition(args.study_file) if args.study_file else None
     if args.child:
         summary = run_worker(
@@ -139,7 +145,7 @@ def _open(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
     from search.study import load_study
 
     url = resolve_storage_url(args.storage)
-    storage = open_storage(url)
+    storage = open_storage(url, create=False)
     study, definition = load_study(args.study, storage)
     return study, definition, storage, url
 
@@ -190,9 +196,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from search.storage import redact, resolve_storage_url
+    from search.storage import check_storage_url, redact, resolve_storage_url
 
     url = resolve_storage_url(args.storage)
+    check_storage_url(url, must_exist=True)
     cmd = [
         "optuna-dashboard",
         url,
@@ -340,14 +347,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         StudyNotFound,
         NoFeasibleTrial,
         ConnectionError,
-        FileNotFoundError,
+        OSError,
         ValueError,
     )
     try:
         return args.fn(args)
     except expected as e:
-        print(f"cvae-search {args.command}: error: {e}", file=sys.stderr)
+        _log.debug("the error's traceback", exc_info=True)
+        print(f"cvae-search {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _one_line(e: BaseException) -> str:
+    """The error's message on one line (an OSError's names its file)."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":
