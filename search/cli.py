@@ -99,6 +99,8 @@ def _cmd_create(args: argparse.Namespace) -> int:
         f"study {study.study_name} ready in {redact(url)}: budget {definition.n_trials} trials, "
         f"{len(definition.baselines)} baselines, digest {definition.digest()}"
     )
+    for name in definition.baselines:
+        print(f"  {definition.describe_baseline(name)}")
     return 0
 
 

@@ -16,11 +16,12 @@ import yaml
 from psycopg2 import sql
 from sqlalchemy.engine import make_url
 
+from model.config import ConfigError
 from search.cli import main
 from search.definition import load_definition
 from search.storage import open_storage
 from search.study import load_study
-from tests.conftest import CliProcesses
+from tests.conftest import CliProcesses, tiny_config_dict
 
 pytestmark = pytest.mark.postgres
 
@@ -94,11 +95,82 @@ INVALID: dict[str, tuple[dict[str, Any], list[str]]] = {
         },
         ["space.model.noise_length.when.model.output", "['regression', 'copula']", "copulaa"],
     ),
+    "baseline setting the data": (
+        {"baselines": {"other_data": {"data.synthetic.height": 32}}},
+        ["baselines[0] (other_data).set.data.synthetic.height", "a field of model, loss, train"],
+    ),
     "baseline outside the space": (
         {"baselines": {"strong": {"loss.beta_kl": 5.0}}},
         ["baselines[0] (strong)", "loss.beta_kl=5.0", "outside space.loss.beta_kl"],
     ),
 }
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _study_on_user_data(tmp_path: Path, baselines: list[dict[str, Any]]) -> Path:
+    """The demo study copied, given a base of the user's own (a 16x16 grid, 8 latent
+    dimensions) and the shipped V3/V4 configs, which describe a 128x128 set."""
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(tiny_config_dict(2)))
+    study = yaml.safe_load((REPO / "studies" / "tiny.yaml").read_text())
+    study.update(name="mine", base="mine.yaml", overrides={}, baselines=baselines)
+    path = tmp_path / "mine-study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def test_a_baseline_runs_its_settings_on_the_studys_data_and_sizes(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fields = ["loss", "model.encoder_pool", "model.output", "model.prior"]
+    path = _study_on_user_data(
+        tmp_path,
+        [
+            {"name": "v3", "config": str(REPO / "configs" / "v3.yaml"), "fields": fields},
+            {"name": "v4", "config": str(REPO / "configs" / "v4.yaml"), "fields": fields},
+        ],
+    )
+    definition = load_definition(path)
+    for name, kl_mode, beta in (("v3", "plain", 0.01), ("v4", "free_bits_sample", 0.05)):
+        cfg = definition.baselines[name]
+        assert cfg.data == definition.base.data  # the user's data, not the configs' 128x128 set
+        assert (cfg.model.latent_dim, cfg.model.channels) == (8, 8)
+        assert (cfg.train.epochs, cfg.eval.max_days) == (2, 16)
+        assert (cfg.loss.kl_mode, cfg.loss.beta_kl, cfg.model.encoder_pool) == (kl_mode, beta, "global")
+        assert definition.config_for(definition.baseline_params(name), name) == cfg
+
+    assert main(["create", str(path), "--storage", pg_url]) == 0
+    out = capsys.readouterr().out
+    assert "baseline v3 sets 13 fields on the study's base" in out
+    assert "loss.kl_mode='plain'" in out and "loss.beta_kl=0.01" in out
+    assert "model.encoder_pool='global'" in out
+
+
+@pytest.mark.parametrize(
+    ("baseline", "expected"),
+    [
+        (
+            {"name": "b", "config": str(REPO / "configs" / "v3.yaml"), "fields": ["data"]},
+            ["baselines[0] (b).fields[0]", "a field or section of model, loss, train", "'data'"],
+        ),
+        (
+            {"name": "b", "config": str(REPO / "configs" / "v3.yaml"), "fields": ["loss.beta_kll"]},
+            ["baselines[0] (b).fields[0]", "a field or section of the training config", "loss.beta_kll"],
+        ),
+        ({"name": "b", "fields": ["loss"]}, ["baselines[0] (b).fields", "a config to take them from"]),
+    ],
+    ids=["data", "unknown", "no config"],
+)
+def test_a_baseline_that_would_leave_the_studys_data_or_names_nothing_is_refused(
+    tmp_path: Path, baseline: dict[str, Any], expected: list[str]
+) -> None:
+    path = _study_on_user_data(tmp_path, [baseline])
+    with pytest.raises(ConfigError) as e:
+        load_definition(path)
+    assert str(e.value).startswith(f"{path}: ")
+    for part in expected:
+        assert part in str(e.value)
 
 
 SHIPPED = sorted((Path(__file__).resolve().parents[2] / "studies").glob("*.yaml"))
