@@ -99,7 +99,8 @@ class DataConfig:
     """NetCDF or Zarr store; for ``synthetic`` where the generated file is written
     (default: a cache folder named by the generator's settings)."""
     engine: str | None = None
-    """xarray engine; ``None`` lets xarray choose (``zarr`` for ``*.zarr``)."""
+    """xarray engine: ``h5netcdf``, ``scipy`` (NetCDF-3), ``netcdf4`` or ``zarr`` where their packages
+    are installed; ``None`` lets xarray choose (``zarr`` for ``*.zarr`` or a folder)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     target_var: str = "pr"
     predictor_vars: list[str] = field(default_factory=lambda: ["pr_coarse", "x1_coarse"])

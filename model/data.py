@@ -210,7 +210,6 @@ class Inputs:
         grid: The fine grid: the file's when it has the target, else the one given.
         attrs: The file's global attributes.
         source: The file read.
-        has_target: Whether the file holds the target variable.
     """
 
     coarse: torch.Tensor
@@ -219,7 +218,6 @@ class Inputs:
     grid: FineGrid
     attrs: dict[str, Any]
     source: str
-    has_target: bool
 
     def __len__(self) -> int:
         return self.coarse.shape[0]
@@ -507,7 +505,6 @@ def _inputs(
         grid=grid,
         attrs=dict(ds.attrs),
         source=src,
-        has_target=has_target,
     )
 
 

@@ -110,6 +110,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from search.study import load_study
     from search.worker import measured_peaks, parse_per_gpu, plan_processes, run_worker, run_workers
 
+    per_gpu = parse_per_gpu(args.per_gpu)
+    # A worker only reads a study: a mistyped SQLite path must not become an empty database.
     check_storage_url(resolve_storage_url(args.storage), must_exist=True)
     local = load_definition(args.study_file) if args.study_file else None
     if args.child:
@@ -123,10 +125,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         )
         return 0 if summary.stopped_by != "max_failures" else 1
     # Opened once, and only to check --study-file or to read the peaks --per-gpu auto packs by.
-    study = functools.cache(lambda: load_study(args.study, open_storage(args.storage), local=local)[0])
-    plans = plan_processes(
-        args.gpus, parse_per_gpu(args.per_gpu), args.processes, peaks=lambda: measured_peaks(study())
+    study = functools.cache(
+        lambda: load_study(args.study, open_storage(args.storage, create=False), local=local)[0]
     )
+    plans = plan_processes(args.gpus, per_gpu, args.processes, peaks=lambda: measured_peaks(study()))
     if local is not None:  # refuse before starting any process
         study()
     child_args = [args.study, "--artifact-dir", _artifact_dir(args.artifact_dir)]

@@ -5,6 +5,7 @@ as a separate process, as a user runs them."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,9 @@ def run(folder: Path, archive: Path, search_env: dict[str, str]) -> Path:
 
 
 def _sample(cli: CliProcesses, run: Path, out: str, *args: str) -> xr.Dataset:
-    done = cli.run("sample", str(run / "checkpoint.pt"), "-o", out, "-k", "3", *args)
+    # A relative path, as a user types it: the output names the checkpoint by its absolute path.
+    checkpoint = os.path.relpath(run / "checkpoint.pt", cli.logs)
+    done = cli.run("sample", checkpoint, "-o", out, "-k", "3", *args)
     assert done.returncode == 0, done.stderr
     return xr.load_dataset(cli.logs / out)
 
