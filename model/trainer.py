@@ -29,6 +29,7 @@ from model.metrics import EvalData
 from model.plots import plot_samples
 
 __all__ = [
+    "DeviceUnavailable",
     "EpochCallback",
     "EpochReport",
     "StepLoss",
@@ -94,12 +95,27 @@ class TrainResult:
     extra: dict[str, object] = field(default_factory=dict)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU; ``cuda`` without a GPU is an error."""
+class DeviceUnavailable(ValueError):
+    """The device asked for is not there (``cuda`` without a usable GPU)."""
+
+
+def resolve_device(name: str, field: str = "train.device") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; ``cuda`` without a GPU is an error.
+
+    Args:
+        name: ``auto``, ``cpu`` or ``cuda``.
+        field: What set ``name``, for the error.
+
+    Raises:
+        DeviceUnavailable: ``cuda`` was asked for and torch sees no CUDA device.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device: 'cuda' was asked for but no CUDA device is available")
+        raise DeviceUnavailable(
+            f"{field}: expected auto or cpu on this machine, got 'cuda': torch sees no CUDA device "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})"
+        )
     return torch.device(name)
 
 
@@ -351,7 +367,9 @@ def _write_outputs(
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     if cfg.train.save_checkpoint:
-        result.checkpoint = save_checkpoint(out / "checkpoint.pt", model, cfg, {"metrics": result.metrics})
+        result.checkpoint = save_checkpoint(
+            out / "checkpoint.pt", model, cfg, {"metrics": result.metrics}, grid=data.grid
+        )
     days = min(cfg.eval.plot_days, ev.obs.shape[0])
     if days > 0:
         k = min(cfg.eval.plot_samples, ev.samples.shape[1])

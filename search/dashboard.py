@@ -569,7 +569,7 @@ def serve(
             dashboard.__version__,
         )
     try:
-        storage, writer = open_storage(url), open_storage(url)
+        storage, writer = open_storage(url, create=False), open_storage(url, create=False)
     except ModuleNotFoundError as e:
         raise _missing(e) from e
     artifacts = Path(artifact_dir)

@@ -183,7 +183,7 @@ class StudyDefinition:
         data = {
             "name": self.name,
             "description": self.description,
-            "base": config_to_dict(self.base),
+            "base": _config_dict(self.base),
             "space": {k: _param_dict(v) for k, v in self.space.items()},
             "objectives": [asdict(o) for o in self.objectives],
             "constraints": [asdict(c) for c in self.constraints],
@@ -193,7 +193,7 @@ class StudyDefinition:
             "max_retries": self.max_retries,
             "max_failures": self.max_failures,
             "collapse": None if self.collapse is None else asdict(self.collapse),
-            "baselines": {k: config_to_dict(v) for k, v in self.baselines.items()},
+            "baselines": {k: _config_dict(v) for k, v in self.baselines.items()},
             "save_checkpoints": self.save_checkpoints,
         }
         return data
@@ -254,6 +254,15 @@ class StudyDefinition:
             if p.active(params):
                 params[path] = get_field(cfg, path)
         return params
+
+
+def _config_dict(cfg: Config) -> dict[str, Any]:
+    # data.missing_predictors at its default is left out, so studies created before the field
+    # existed keep their digest.
+    data = config_to_dict(cfg)
+    if data["data"]["missing_predictors"] == "error":
+        del data["data"]["missing_predictors"]
+    return data
 
 
 def _param_dict(p: Param) -> dict[str, Any]:
