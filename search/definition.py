@@ -256,12 +256,21 @@ class StudyDefinition:
         return params
 
 
+_LATER_FIELDS = ("data.missing_predictors", "train.threads")
+"""Config fields added after studies were first stored: at their default they are left out of
+the stored definition, so those studies (and caches keyed by their digest) keep their digest."""
+
+
 def _config_dict(cfg: Config) -> dict[str, Any]:
-    # data.missing_predictors at its default is left out, so studies created before the field
-    # existed keep their digest.
     data = config_to_dict(cfg)
-    if data["data"]["missing_predictors"] == "error":
-        del data["data"]["missing_predictors"]
+    defaults = config_to_dict(Config())
+    for dotted in _LATER_FIELDS:
+        *parents, leaf = dotted.split(".")
+        node, default = data, defaults
+        for part in parents:
+            node, default = node[part], default[part]
+        if node[leaf] == default[leaf]:
+            del node[leaf]
     return data
 
 

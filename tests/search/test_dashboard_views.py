@@ -23,6 +23,7 @@ from search.dashboard import (
 )
 from search.definition import Collapse
 from search.export import export_trial
+from search.storage import open_storage
 from tests.search.constructed_studies import (
     COLLAPSE,
     MASS,
@@ -142,8 +143,10 @@ def test_refresh_all_skips_studies_cvae_search_did_not_create(tmp_path: Path) ->
 def test_a_missing_optuna_dashboard_is_named_with_the_interpreter(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    open_storage(url)  # an existing storage: the dashboard refuses a mistyped path before this
     monkeypatch.setitem(sys.modules, "optuna_dashboard", None)  # as if not installed
-    code = main(["dashboard", "--storage", f"sqlite:///{tmp_path / 'x.db'}", "--port", "0"])
+    code = main(["dashboard", "--storage", url, "--port", "0"])
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err == (
@@ -151,4 +154,3 @@ def test_a_missing_optuna_dashboard_is_named_with_the_interpreter(
         f"is not installed for {sys.executable}; install it with: {sys.executable} -m pip install "
         "optuna-dashboard"
     )
-    assert not (tmp_path / "x.db").exists()
