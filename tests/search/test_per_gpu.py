@@ -312,6 +312,7 @@ def test_the_cli_packs_by_the_studys_peaks(
     assert per_gpu(started[-1]) == {"0": 3, "1": 3}
     # On the CPU, auto is the CPU plan, and the study is not opened.
     missing = f"sqlite:///{tmp_path / 'absent' / 'no.db'}"
-    assert main(["worker", "packed", "--storage", missing, "--gpus", "none", "--per-gpu", "auto"]) == 0
-    assert per_gpu(started[-1]) == {"": 1}
+    argv = ["worker", "packed", "--storage", missing, "--gpus", "none", "--per-gpu", "auto"]
+    assert main([*argv, "--processes", "2"]) == 0
+    assert per_gpu(started[-1]) == {"": 2}
     assert not (tmp_path / "absent").exists()
