@@ -292,6 +292,8 @@ class StandInTrainer:
             timings={"train_s": self.seconds, "eval_s": 0.0, "samples_per_s": 3600.0},
             device="cpu",
             precision="fp32",
+            threads=1,
+            cpu_capability="DEFAULT",
             versions=self._versions,
         )
         if out_dir is not None:

@@ -99,15 +99,20 @@ class DataConfig:
     """NetCDF or Zarr store; for ``synthetic`` where the generated file is written
     (default: a cache folder named by the generator's settings)."""
     engine: str | None = None
-    """xarray engine; ``None`` lets xarray choose (``zarr`` for ``*.zarr``)."""
+    """xarray engine: ``h5netcdf``, ``scipy`` (NetCDF-3), ``netcdf4`` or ``zarr`` where their packages
+    are installed; ``None`` lets xarray choose (``zarr`` for ``*.zarr`` or a folder)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     target_var: str = "pr"
     predictor_vars: list[str] = field(default_factory=lambda: ["pr_coarse", "x1_coarse"])
     static_vars: list[str] = field(default_factory=list)
     mask_var: str | None = None
-    """High-resolution static field, non-zero where cells are valid (land)."""
+    """High-resolution static field, non-zero where cells are valid (land). Without it (and
+    always) the target's NaN cells are invalid."""
     mass_var: str | None = "pr_coarse"
     """Coarse predictor in the target's units that the mass term conserves."""
+    missing_predictors: Literal["error", "fill"] = "error"
+    """A predictor's NaN over a coarse cell that covers a valid target cell that day: an error,
+    or (``fill``, for a predictor that has gaps by nature) its training mean, with a warning."""
     time_dim: str = "time"
     fine_dims: list[str] = field(default_factory=lambda: ["lat", "lon"])
     coarse_dims: list[str] = field(default_factory=lambda: ["lat_coarse", "lon_coarse"])
@@ -167,6 +172,9 @@ class TrainConfig:
     """``auto``: bf16 autocast on CUDA, fp32 on the CPU."""
     compile: bool = False
     """``torch.compile`` the model; falls back to eager with a warning if it fails."""
+    threads: int | None = _num(None, 1)
+    """CPU threads for training and evaluation (``None``: the process's setting, all cores by
+    default). Float sums on the CPU depend on the thread count, so an export sets the trial's."""
     save_checkpoint: bool = True
 
 

@@ -1,10 +1,19 @@
 """Training data from NetCDF or Zarr through xarray: validated, split by time, normalised.
 
 Every input problem is found here, before any training, and raised as a one-line
-:class:`DataError` naming the file, the variable or config field and what was expected.
-Statistics are fitted on the training split only, and no NaN reaches a tensor: invalid fine
-cells are masked (and set to 0 in model space), missing predictor values become 0 after
-standardising.
+:class:`DataError` naming the file, the variable or config field and what was expected (and,
+for bad values, how many there are and the first date). Statistics are fitted on the training
+split only, and no NaN reaches a tensor:
+
+- the target's NaN cells, and cells outside ``mask_var``, are invalid: masked out of every
+  loss and metric, and 0 in model space;
+- an infinite value in the target, a predictor or a static field is an error;
+- a predictor's NaN over a coarse cell that covers no valid target cell that day (an ocean
+  block) is not needed and takes the predictor's training mean (0 after standardising); over
+  a cell that covers one it is an error, or, with ``data.missing_predictors: fill``, takes
+  the training mean with a warning that counts the values filled;
+- a static field's NaN is 0 after standardising;
+- a ``[start, end]`` split period must lie within the data's dates.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -21,10 +30,20 @@ import torch
 import xarray as xr
 
 from model.config import DataConfig, Normalization, SplitConfig
-from model.synthetic import synthetic_path, write_synthetic
+from model.synthetic import synthetic_path, synthetic_skeleton, write_synthetic
 from model.transform import Normalizer
 
-__all__ = ["WET_THRESHOLD", "DataError", "Dataset", "Split", "load_data"]
+__all__ = [
+    "WET_THRESHOLD",
+    "DataError",
+    "Dataset",
+    "FineGrid",
+    "Inputs",
+    "Split",
+    "check_data",
+    "load_data",
+    "load_inputs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +64,8 @@ class Split:
     Attributes:
         fine: [N, 1, H, W] target in model space; invalid cells hold 0.0.
         mask: [N, 1, H, W] True where the target is valid (finite and inside the static mask).
-        coarse: [N, P, h, w] standardised predictors; missing values hold 0.0.
-        coarse_mass: [N, 1, h, w] the mass predictor in mm/day (missing: 0.0), or None.
+        coarse: [N, P, h, w] standardised predictors; missing values hold 0.0 (the training mean).
+        coarse_mass: [N, 1, h, w] the mass predictor in mm/day (missing: its training mean), or None.
         times: [N] datetime64[ns] dates.
     """
 
@@ -71,21 +90,78 @@ class Split:
 
 
 @dataclass
+class FineGrid:
+    """The fine grid a model generates on: everything but a day's coarse inputs that is needed
+    to run it and to write its fields. Checkpoints carry it, so that a file of coarse inputs
+    alone (a GCM's predictors, a period without observations) can be sampled.
+
+    Attributes:
+        coords: Coordinate values of the two fine dims, keyed by dim name.
+        coord_attrs: Their attributes (units, standard_name), keyed by dim name.
+        mask: [H, W] True where the target is valid on at least one day read (and inside
+            ``mask_var``): the cells a field is written on.
+        static: [S, H, W] standardised static fields (S may be 0).
+        target_attrs: The target variable's attributes (units, long_name).
+    """
+
+    coords: dict[str, np.ndarray]
+    coord_attrs: dict[str, dict[str, Any]]
+    mask: torch.Tensor
+    static: torch.Tensor
+    target_attrs: dict[str, Any]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.mask.shape[0]), int(self.mask.shape[1]))
+
+    def to(self, device: torch.device | str) -> FineGrid:
+        """A copy with the tensors on ``device``."""
+        return dataclasses.replace(self, mask=self.mask.to(device), static=self.static.to(device))
+
+    def to_plain(self) -> dict[str, Any]:
+        """Tensors and plain values only, as ``torch.load(weights_only=True)`` reads them back."""
+        return {
+            "coords": {k: _plain(np.asarray(v)) for k, v in self.coords.items()},
+            "coord_attrs": {k: _plain_attrs(v) for k, v in self.coord_attrs.items()},
+            "mask": self.mask.detach().cpu(),
+            "static": self.static.detach().cpu().float(),
+            "target_attrs": _plain_attrs(self.target_attrs),
+        }
+
+    @classmethod
+    def from_plain(cls, data: dict[str, Any]) -> FineGrid:
+        """The grid :meth:`to_plain` wrote."""
+        return cls(
+            coords={
+                k: v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+                for k, v in data["coords"].items()
+            },
+            coord_attrs={k: dict(v) for k, v in data["coord_attrs"].items()},
+            mask=data["mask"].bool(),
+            static=data["static"].float(),
+            target_attrs=dict(data["target_attrs"]),
+        )
+
+
+@dataclass
 class Dataset:
-    """The three splits, the static fields and what is needed to map back to mm/day and to the file."""
+    """The three splits, the fine grid and what is needed to map back to mm/day and to the file."""
 
     train: Split
     val: Split
     test: Split
-    static: torch.Tensor
-    """[S, H, W] standardised static fields (S may be 0)."""
+    grid: FineGrid
     normalizer: Normalizer
     stats: Normalization
     factor: int
-    fine_coords: dict[str, np.ndarray]
-    """Coordinate values of the two fine dims, keyed by dim name."""
-    target_attrs: dict[str, Any]
     source: str
+    attrs: dict[str, Any]
+    """The file's global attributes (Conventions, title, history)."""
+
+    @property
+    def static(self) -> torch.Tensor:
+        """[S, H, W] standardised static fields (S may be 0)."""
+        return self.grid.static
 
     @property
     def height(self) -> int:
@@ -118,8 +194,44 @@ class Dataset:
             train=self.train.to(device),
             val=self.val.to(device),
             test=self.test.to(device),
-            static=self.static.to(device),
+            grid=self.grid.to(device),
         )
+
+
+@dataclass
+class Inputs:
+    """Coarse inputs to generate fine fields from, and where to write them.
+
+    Attributes:
+        coarse: [N, P, h, w] standardised predictors (missing: 0.0, the training mean).
+        mask: [N, 1, H, W] cells to write: where the target is valid that day, or, for a file
+            without the target, the grid's mask on every day.
+        times: [N] datetime64[ns] dates.
+        grid: The fine grid: the file's when it has the target, else the one given.
+        attrs: The file's global attributes.
+        source: The file read.
+    """
+
+    coarse: torch.Tensor
+    mask: torch.Tensor
+    times: np.ndarray
+    grid: FineGrid
+    attrs: dict[str, Any]
+    source: str
+
+    def __len__(self) -> int:
+        return self.coarse.shape[0]
+
+
+@dataclass
+class _Layout:
+    """A file's variables as the config names them, checked for dims and grids (no values read)."""
+
+    target: xr.DataArray | None
+    predictors: list[xr.DataArray]
+    statics: list[xr.DataArray]
+    mask: xr.DataArray | None
+    times: np.ndarray
 
 
 def load_data(cfg: DataConfig, normalization: Normalization | None = None) -> Dataset:
@@ -132,23 +244,94 @@ def load_data(cfg: DataConfig, normalization: Normalization | None = None) -> Da
             config); ``None`` fits them on the training split.
 
     Returns:
-        The splits as tensors on the CPU, with the static fields and the normaliser.
+        The splits as tensors on the CPU, with the fine grid and the normaliser.
 
     Raises:
-        DataError: The file, a variable, a grid, the time axis or a split is not as expected.
+        DataError: The file, a variable, a grid, the time axis, a split or a value is not as
+            expected.
     """
-    if cfg.source == "synthetic":
-        path = synthetic_path(cfg)
-        if not path.exists():
-            write_synthetic(cfg.synthetic, cfg.upscale_factor, path)
-    else:
-        if not cfg.path:
-            raise DataError("data.path: expected a NetCDF or Zarr path when data.source is 'file', got None")
-        path = Path(cfg.path).expanduser()
-        if not path.exists():
-            raise DataError(f"{path}: no such file or directory (data.path)")
+    path = _path(cfg, generate=True)
     with _open(path, _engine(cfg, path)) as ds:
         return _load(ds, cfg, str(path), normalization)
+
+
+def load_inputs(
+    cfg: DataConfig,
+    normalization: Normalization,
+    grid: FineGrid | None = None,
+    *,
+    split: Literal["train", "val", "test", "all"] = "all",
+) -> Inputs:
+    """The coarse inputs of the file named by ``cfg``, standardised with ``normalization``.
+
+    The file may lack the target (and the static and mask fields): a GCM's predictors, or a
+    period without observations. The fine grid is then ``grid``, and the fields are written
+    on its mask.
+
+    Args:
+        cfg: The data section the model was trained with, ``path`` pointing at the file.
+        normalization: The training statistics.
+        grid: The model's fine grid (from its checkpoint); required for a file without the
+            target, and otherwise checked against the file's.
+        split: ``all`` for every day of the file, else that configured split of it.
+
+    Raises:
+        DataError: As :func:`load_data`, or the file's grid is not the model's.
+    """
+    path = _path(cfg, generate=True)
+    with _open(path, _engine(cfg, path)) as ds:
+        return _inputs(ds, cfg, str(path), _checked(normalization, cfg), grid, split)
+
+
+def check_data(cfg: DataConfig) -> str:
+    """Check the data named by ``cfg`` as training will read it, without training.
+
+    A file is read whole, with every check of :func:`load_data` (values included). A synthetic
+    source is checked against the layout its generator writes (variables, dims, grid, dates)
+    without generating it: its values are finite by construction, and the first trial that
+    needs the set generates it.
+
+    Returns:
+        One line saying what was checked: the source, days per split and the grids.
+
+    Raises:
+        DataError: What :func:`load_data` would raise.
+        ValueError: A synthetic grid that is not a multiple of the upscale factor.
+    """
+    if cfg.source == "synthetic":
+        src = f"synthetic set {synthetic_path(cfg)}"
+        layout = _layout(synthetic_skeleton(cfg.synthetic, cfg.upscale_factor), cfg, src)
+        slices, _ = _split_slices(layout.times, cfg.split, src)
+        assert layout.target is not None
+        fine, coarse = layout.target.shape[1:], layout.predictors[0].shape[1:]
+        lengths = [slices[n].stop - slices[n].start for n in _SPLITS]
+        days = len(layout.times)
+        n_static = len(layout.statics)
+        src += " (generated by the first trial that needs it)"
+    else:
+        data = load_data(cfg)
+        src, fine, coarse = data.source, (data.height, data.width), (data.coarse_height, data.coarse_width)
+        lengths = [len(data.train), len(data.val), len(data.test)]
+        days, n_static = sum(lengths), data.n_static
+    return (
+        f"{src}: {days} days ({', '.join(f'{n} {s}' for n, s in zip(lengths, _SPLITS, strict=True))}), "
+        f"fine {fine[0]}x{fine[1]}, coarse {coarse[0]}x{coarse[1]}, "
+        f"{len(cfg.predictor_vars)} predictors, {n_static} static fields"
+    )
+
+
+def _path(cfg: DataConfig, *, generate: bool) -> Path:
+    if cfg.source == "synthetic":
+        path = synthetic_path(cfg)
+        if generate and not path.exists():
+            write_synthetic(cfg.synthetic, cfg.upscale_factor, path)
+        return path
+    if not cfg.path:
+        raise DataError("data.path: expected a NetCDF or Zarr path when data.source is 'file', got None")
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory (data.path)")
+    return path
 
 
 def _engine(cfg: DataConfig, path: Path) -> str | None:
@@ -180,109 +363,321 @@ def _open(path: Path, engine: str | None) -> xr.Dataset:
         raise DataError(f"{path}: cannot open with xarray engine {engine or '(auto)'}: {_one_line(e)}") from e
 
 
-def _load(ds: xr.Dataset, cfg: DataConfig, src: str, normalization: Normalization | None) -> Dataset:
+def _layout(ds: xr.Dataset, cfg: DataConfig, src: str, *, fine: bool = True) -> _Layout:
+    """The variables ``cfg`` names, checked; with ``fine`` False only the predictors and dates."""
     fine_dims = (cfg.time_dim, *cfg.fine_dims)
     coarse_dims = (cfg.time_dim, *cfg.coarse_dims)
-    target = _variable(ds, src, cfg.target_var, "data.target_var", fine_dims)
+    target = _variable(ds, src, cfg.target_var, "data.target_var", fine_dims) if fine else None
     predictors = [_variable(ds, src, name, "data.predictor_vars", coarse_dims) for name in cfg.predictor_vars]
-    statics = [_variable(ds, src, name, "data.static_vars", tuple(cfg.fine_dims)) for name in cfg.static_vars]
-    mask_da = None
-    if cfg.mask_var is not None:
-        mask_da = _variable(ds, src, cfg.mask_var, "data.mask_var", tuple(cfg.fine_dims))
+    statics, mask_da = [], None
+    if fine:
+        statics = [
+            _variable(ds, src, name, "data.static_vars", tuple(cfg.fine_dims)) for name in cfg.static_vars
+        ]
+        if cfg.mask_var is not None:
+            mask_da = _variable(ds, src, cfg.mask_var, "data.mask_var", tuple(cfg.fine_dims))
     if cfg.mass_var is not None and cfg.mass_var not in cfg.predictor_vars:
         raise DataError(
             f"{src}: data.mass_var: expected one of data.predictor_vars {cfg.predictor_vars}, "
             f"got {cfg.mass_var!r}"
         )
-    _check_grids(src, cfg, target, predictors[0])
+    if target is not None:
+        _check_grids(src, cfg, target, predictors[0])
+    return _Layout(target, predictors, statics, mask_da, _times(ds, src, cfg.time_dim))
 
-    times = _times(ds, src, cfg.time_dim)
+
+def _load(ds: xr.Dataset, cfg: DataConfig, src: str, normalization: Normalization | None) -> Dataset:
+    layout = _layout(ds, cfg, src)
+    assert layout.target is not None
+    times = layout.times
     slices, labels = _split_slices(times, cfg.split, src)
+    # One read of the days from the first split's start to the last one's end; the checks
+    # count only the days some split uses.
+    lo = min(s.start for s in slices.values())
+    hi = max(s.stop for s in slices.values())
+    used = np.zeros(hi - lo, dtype=bool)
+    for s in slices.values():
+        used[s.start - lo : s.stop - lo] = True
+    days, read_times = slice(lo, hi), times[lo:hi]
 
-    static_mask = np.ones(target.shape[1:], dtype=bool)
-    if mask_da is not None:
-        m = mask_da.values
-        static_mask = np.isfinite(m) & (np.nan_to_num(m) != 0)
-    static_raw = np.empty((len(statics), *target.shape[1:]), dtype=np.float32)
-    for i, s in enumerate(statics):
-        static_raw[i] = s.values
+    static_mask = _static_mask(layout.mask, layout.target.shape[1:])
+    pr, valid = _read_target(src, cfg, layout.target, days, read_times, used, static_mask)
+    needed = _coarse_cover(valid & used[:, None, None], cfg.upscale_factor)
+    x = _read_predictors(src, cfg, layout.predictors, days, read_times, used, needed)
+    static_raw = _read_static(src, cfg, layout.statics, static_mask.shape)
 
-    raw = {
-        name: _read_split(src, cfg, name, target, predictors, {cfg.time_dim: slices[name]}, static_mask)
-        for name in _SPLITS
-    }
-    train_pr, train_valid, train_x = raw["train"]
+    train = slice(slices["train"].start - lo, slices["train"].stop - lo)
+    train_valid = valid[train]
     if not train_valid.any():
         raise DataError(
             f"{src}: {cfg.target_var} (data.target_var) has no valid cell in the training split "
             f"({labels['train']})"
         )
     if normalization is None:
-        stats = _fit(src, cfg, train_pr[train_valid], train_x, static_raw)
+        stats = _fit(src, cfg, pr[train][train_valid], x[train], static_raw)
     else:
         stats = _checked(normalization, cfg)
     normalizer = Normalizer(stats, cfg.transform)
 
     mass_index = None if cfg.mass_var is None else cfg.predictor_vars.index(cfg.mass_var)
-    splits = {
-        name: _to_split(*raw[name], times[slices[name]], stats, normalizer, mass_index) for name in _SPLITS
-    }
-    mean = np.asarray(stats.static_mean, dtype=np.float32).reshape(-1, 1, 1)
-    std = np.asarray(stats.static_std, dtype=np.float32).reshape(-1, 1, 1)
-    static = torch.from_numpy(_finite_or_zero((static_raw - mean) / std))
-
-    fine_coords = {
-        d: np.asarray(ds[d].values) if d in ds.coords else np.arange(ds.sizes[d]) for d in cfg.fine_dims
-    }
+    splits = {}
+    for name in _SPLITS:
+        part = slice(slices[name].start - lo, slices[name].stop - lo)
+        splits[name] = _to_split(
+            pr[part], valid[part], x[part], times[slices[name]], stats, normalizer, mass_index
+        )
+    grid = _fine_grid(
+        ds, cfg, layout.target, static_mask & valid[used].any(axis=0), _standardised_static(static_raw, stats)
+    )
     logger.info(
         "loaded %s: %d/%d/%d days, fine %dx%d, coarse %dx%d, %d predictors, %d static",
         src,
         *(len(splits[n]) for n in _SPLITS),
-        *target.shape[1:],
-        *predictors[0].shape[1:],
-        len(predictors),
-        len(statics),
+        *layout.target.shape[1:],
+        *layout.predictors[0].shape[1:],
+        len(layout.predictors),
+        len(layout.statics),
     )
     return Dataset(
         train=splits["train"],
         val=splits["val"],
         test=splits["test"],
-        static=static,
+        grid=grid,
         normalizer=normalizer,
         stats=stats,
         factor=cfg.upscale_factor,
-        fine_coords=fine_coords,
-        target_attrs=dict(target.attrs),
+        source=src,
+        attrs=dict(ds.attrs),
+    )
+
+
+def _inputs(
+    ds: xr.Dataset,
+    cfg: DataConfig,
+    src: str,
+    stats: Normalization,
+    grid: FineGrid | None,
+    split: str,
+) -> Inputs:
+    has_target = cfg.target_var in ds.data_vars
+    if not has_target and grid is None:
+        raise DataError(
+            f"{src}: variable {cfg.target_var!r} (data.target_var) not found, and no fine grid is known "
+            "to write on (checkpoints written before they carried the fine grid have none): "
+            f"give a file that has {cfg.target_var!r} on the fine grid, or retrain"
+        )
+    layout = _layout(ds, cfg, src, fine=has_target)
+    times = layout.times
+    if not len(times):
+        raise DataError(f"{src}: {cfg.time_dim} (data.time_dim) has no dates")
+    days = slice(0, len(times)) if split == "all" else _split_slices(times, cfg.split, src)[0][split]
+    read_times = times[days]
+    used = np.ones(len(read_times), dtype=bool)
+    if layout.target is not None:
+        static_mask = _static_mask(layout.mask, layout.target.shape[1:])
+        _, valid = _read_target(src, cfg, layout.target, days, read_times, used, static_mask)
+        static_raw = _read_static(src, cfg, layout.statics, static_mask.shape)
+        static = _standardised_static(static_raw, stats)
+        file_grid = _fine_grid(ds, cfg, layout.target, static_mask & valid.any(axis=0), static)
+        if grid is not None and file_grid.shape != grid.shape:
+            raise DataError(
+                f"{src}: fine grid {file_grid.shape[0]}x{file_grid.shape[1]} of {cfg.target_var!r} is not "
+                f"the model's {grid.shape[0]}x{grid.shape[1]}"
+            )
+        grid = file_grid
+    else:
+        assert grid is not None
+        coarse = layout.predictors[0].shape[1:]
+        f = cfg.upscale_factor
+        if (coarse[0] * f, coarse[1] * f) != grid.shape:
+            raise DataError(
+                f"{src}: coarse grid {coarse[0]}x{coarse[1]} ({'/'.join(cfg.coarse_dims)}) times "
+                f"upscale_factor {f} is not the model's fine grid {grid.shape[0]}x{grid.shape[1]}; "
+                f"expected predictors on {grid.shape[0] // f}x{grid.shape[1] // f}"
+            )
+        valid = np.broadcast_to(grid.mask.cpu().numpy(), (len(read_times), *grid.shape))
+    needed = _coarse_cover(valid, cfg.upscale_factor)
+    x = _read_predictors(src, cfg, layout.predictors, days, read_times, used, needed)
+    return Inputs(
+        coarse=torch.from_numpy(_standardised(x, stats)),
+        mask=torch.from_numpy(np.ascontiguousarray(valid))[:, None],
+        times=read_times,
+        grid=grid,
+        attrs=dict(ds.attrs),
         source=src,
     )
 
 
-def _read_split(
+def _static_mask(mask_da: xr.DataArray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """[H, W] True inside ``mask_var`` (finite and non-zero); everywhere without one."""
+    if mask_da is None:
+        return np.ones(shape, dtype=bool)
+    m = mask_da.values
+    return np.isfinite(m) & (np.nan_to_num(m) != 0)
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def _day(t: np.datetime64) -> str:
+    return str(np.datetime_as_string(t, unit="D"))
+
+
+def _no_infinite(
+    src: str,
+    name: str,
+    field: str,
+    values: np.ndarray,
+    times: np.ndarray | None = None,
+    used: np.ndarray | None = None,
+) -> None:
+    """Refuse +-inf in ``values`` ([N, ...] on ``times``, on the ``used`` days only, when given)."""
+    bad = np.isinf(values)
+    if used is not None:
+        bad &= used.reshape(-1, *([1] * (bad.ndim - 1)))
+    n = int(np.count_nonzero(bad))
+    if not n:
+        return
+    where = ""
+    if times is not None:
+        where = f", the first on {_day(times[int(bad.reshape(len(times), -1).any(axis=1).argmax())])}"
+    raise DataError(
+        f"{src}: variable {name!r} ({field}) has {_count(n, 'infinite value')}{where}; "
+        "expected finite values, with NaN for missing cells"
+    )
+
+
+def _read_target(
     src: str,
     cfg: DataConfig,
-    name: str,
     target: xr.DataArray,
-    predictors: list[xr.DataArray],
-    where: dict[str, slice],
+    days: slice,
+    times: np.ndarray,
+    used: np.ndarray,
     static_mask: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A split's target (NaN if invalid), validity [N, H, W] and predictors [N, P, h, w] (NaN if missing)."""
-    pr = target.isel(where).values.astype(np.float32)
-    valid = np.isfinite(pr) & static_mask
-    n_negative = int(np.count_nonzero(valid & (pr < 0)))
+) -> tuple[np.ndarray, np.ndarray]:
+    """The target on ``days`` in mm/day (NaN where invalid, negatives as 0) and its validity [N, H, W]."""
+    pr = target.isel({cfg.time_dim: days}).values.astype(np.float32)
+    _no_infinite(src, cfg.target_var, "data.target_var", pr, times, used)
+    valid = ~np.isnan(pr) & static_mask
+    negative = valid & (pr < 0) & used[:, None, None]
+    n_negative = int(np.count_nonzero(negative))
     if n_negative:
         logger.warning(
-            "%s: %s has %d negative values in the %s split (min %.3g); read as 0 mm/day",
+            "%s: %s (data.target_var) has %d negative values (min %.3g), the first on %s; read as 0 mm/day",
             src,
             cfg.target_var,
             n_negative,
-            name,
-            float(pr[valid].min()),
+            float(pr[negative].min()),
+            _day(times[int(negative.any(axis=(1, 2)).argmax())]),
         )
     pr = np.where(valid, np.maximum(pr, 0.0), np.nan).astype(np.float32)
-    x = np.stack([p.isel(where).values.astype(np.float32) for p in predictors], axis=1)
-    x[~np.isfinite(x)] = np.nan
-    return pr, valid, x
+    return pr, valid
+
+
+def _coarse_cover(valid: np.ndarray, factor: int) -> np.ndarray:
+    """[N, h, w] True where a coarse cell covers at least one valid fine cell of ``valid`` [N, H, W]."""
+    n, h, w = valid.shape
+    return valid.reshape(n, h // factor, factor, w // factor, factor).any(axis=(2, 4))
+
+
+def _read_predictors(
+    src: str,
+    cfg: DataConfig,
+    predictors: list[xr.DataArray],
+    days: slice,
+    times: np.ndarray,
+    used: np.ndarray,
+    needed: np.ndarray,
+) -> np.ndarray:
+    """The predictors on ``days`` [N, P, h, w], NaN where missing; refused where missing over ``needed``."""
+    x = np.stack([p.isel({cfg.time_dim: days}).values.astype(np.float32) for p in predictors], axis=1)
+    for i, name in enumerate(cfg.predictor_vars):
+        _no_infinite(src, name, "data.predictor_vars", x[:, i], times, used)
+        missing = np.isnan(x[:, i]) & needed
+        n = int(np.count_nonzero(missing))
+        if not n:
+            continue
+        first = _day(times[int(missing.any(axis=(1, 2)).argmax())])
+        if cfg.missing_predictors == "fill":
+            logger.warning(
+                "%s: filled %d missing values (NaN) of %r (data.predictor_vars) over cells where %s is valid "
+                "with its training mean (data.missing_predictors: fill), the first on %s",
+                src,
+                n,
+                name,
+                cfg.target_var,
+                first,
+            )
+            continue
+        raise DataError(
+            f"{src}: variable {name!r} (data.predictor_vars) has {_count(n, 'missing value')} (NaN) over "
+            f"cells where {cfg.target_var} is valid, the first on {first}; expected values there: fill the "
+            "gaps in the file, or set data.missing_predictors: fill to use the training mean"
+        )
+    return x
+
+
+def _read_static(
+    src: str, cfg: DataConfig, statics: list[xr.DataArray], shape: tuple[int, ...]
+) -> np.ndarray:
+    """The static fields [S, H, W] as stored (NaN where missing)."""
+    out = np.empty((len(statics), *shape), dtype=np.float32)
+    for i, (name, field) in enumerate(zip(cfg.static_vars, statics, strict=True)):
+        out[i] = field.values
+        _no_infinite(src, name, "data.static_vars", out[i])
+    return out
+
+
+def _standardised_static(static_raw: np.ndarray, stats: Normalization) -> torch.Tensor:
+    mean = np.asarray(stats.static_mean, dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(stats.static_std, dtype=np.float32).reshape(-1, 1, 1)
+    return torch.from_numpy(_finite_or_zero((static_raw - mean) / std))
+
+
+def _standardised(x: np.ndarray, stats: Normalization) -> np.ndarray:
+    """Predictors [N, P, h, w] standardised; a missing value becomes 0.0, the training mean."""
+    mean = np.asarray(stats.predictor_mean, dtype=np.float32)[None, :, None, None]
+    std = np.asarray(stats.predictor_std, dtype=np.float32)[None, :, None, None]
+    return _finite_or_zero((x - mean) / std)
+
+
+def _fine_grid(
+    ds: xr.Dataset, cfg: DataConfig, target: xr.DataArray, mask: np.ndarray, static: torch.Tensor
+) -> FineGrid:
+    coords, attrs = {}, {}
+    for d in cfg.fine_dims:
+        if d in ds.coords:
+            coords[d], attrs[d] = np.asarray(ds[d].values), dict(ds[d].attrs)
+        else:
+            coords[d], attrs[d] = np.arange(ds.sizes[d]), {}
+    return FineGrid(
+        coords=coords,
+        coord_attrs=attrs,
+        mask=torch.from_numpy(mask),
+        static=static,
+        target_attrs=dict(target.attrs),
+    )
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as something ``torch.load(weights_only=True)`` accepts: tensors, lists, scalars, str."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "biuf":
+            return torch.from_numpy(value.copy())
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def _plain_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {str(k): _plain(v) for k, v in attrs.items()}
 
 
 def _variable(ds: xr.Dataset, src: str, name: str, field: str, dims: tuple[str, ...]) -> xr.DataArray:
@@ -366,12 +761,22 @@ def _split_slices(times: np.ndarray, split: SplitConfig, src: str) -> tuple[dict
                 )
             try:
                 start, stop, _ = index.slice_indexer(period[0], period[1]).indices(n)
+                first, last = pd.Timestamp(period[0]), pd.Timestamp(period[1])
             except (TypeError, ValueError, KeyError) as e:
                 raise DataError(
                     f"{src}: data.split.{name}: cannot read {period!r} as dates ({_one_line(e)})"
                 ) from e
             slices[name] = slice(start, max(start, stop))
             labels[name] = f"{period[0]} to {period[1]}"
+            # A period partly outside the data would be cut silently to the days inside it.
+            held = slices[name].stop - slices[name].start
+            if held and (first < index[0].normalize() or last > index[-1].normalize()):
+                raise DataError(
+                    f"{src}: data.split.{name}: the period {labels[name]} runs "
+                    f"{'before' if first < index[0].normalize() else 'past'} the data, which cover "
+                    f"{_day(times[0])} to {_day(times[-1])} (it would hold {held} of its "
+                    f"{(last - first).days + 1} days); expected a period within the data"
+                )
     else:
         bounds = np.rint(np.cumsum([0.0, *split.fractions]) * n).astype(int)
         bounds[-1] = n
@@ -472,13 +877,14 @@ def _to_split(
     normalizer: Normalizer,
     mass_index: int | None,
 ) -> Split:
-    mask = torch.from_numpy(valid)[:, None]
+    mask = torch.from_numpy(np.ascontiguousarray(valid))[:, None]
     fine = normalizer.to_model(torch.from_numpy(np.where(valid, pr, 0.0).astype(np.float32)))[:, None]
     fine = fine.masked_fill(~mask, 0.0).float()
-    mean = np.asarray(stats.predictor_mean, dtype=np.float32)[None, :, None, None]
-    std = np.asarray(stats.predictor_std, dtype=np.float32)[None, :, None, None]
-    coarse = torch.from_numpy(_finite_or_zero((x - mean) / std))
+    coarse = torch.from_numpy(_standardised(x, stats))
     coarse_mass = None
     if mass_index is not None:
-        coarse_mass = torch.from_numpy(_finite_or_zero(x[:, mass_index : mass_index + 1]))
+        mass = x[:, mass_index : mass_index + 1]
+        coarse_mass = torch.from_numpy(
+            np.where(np.isfinite(mass), mass, stats.predictor_mean[mass_index]).astype(np.float32)
+        )
     return Split(fine=fine, mask=mask, coarse=coarse, coarse_mass=coarse_mass, times=times)

@@ -262,9 +262,22 @@ def _standardized(d: EvalData) -> tuple[Tensor, Tensor]:
 
 
 @_cached
+def _valid_days(d: EvalData) -> Tensor:
+    """[N] True for days with at least one valid cell; a fully masked day enters no mean over days."""
+    return d.mask.flatten(1).any(dim=1)
+
+
+def _mean_over_valid_days(per_day: Tensor, days: Tensor) -> Tensor:
+    """Mean of ``per_day`` [N, ...] over the ``days`` [N] that hold a valid cell (NaN if none)."""
+    days = days.reshape(-1, *([1] * (per_day.dim() - 1))).expand_as(per_day)
+    return _masked_sum(per_day, days) / days.sum(dtype=_F64)
+
+
+@_cached
 def _corr_sample_truth(d: EvalData) -> Tensor:
     z_gen, z_obs = _standardized(d)
-    return torch.einsum("nkp,np->nk", z_gen, z_obs).clamp(-1, 1).mean(dtype=_F64)
+    corr = torch.einsum("nkp,np->nk", z_gen, z_obs).clamp(-1, 1)
+    return _mean_over_valid_days(corr, _valid_days(d))
 
 
 @_cached
@@ -273,7 +286,7 @@ def _corr_sample_sample(d: EvalData) -> Tensor:
     k = z_gen.shape[1]
     gram = torch.bmm(z_gen, z_gen.transpose(1, 2))
     i, j = torch.triu_indices(k, k, offset=1, device=z_gen.device)
-    return gram[:, i, j].clamp(-1, 1).mean(dtype=_F64)
+    return _mean_over_valid_days(gram[:, i, j].clamp(-1, 1), _valid_days(d))
 
 
 def _corr_gap(d: EvalData) -> Tensor:
@@ -428,8 +441,10 @@ def _spectra(d: EvalData) -> tuple[Tensor, Tensor, Tensor]:
         sl = slice(start, start + days_per_chunk)
         gen += _power_sum(d.samples[sl], d.mask[sl, None])
         obs += _power_sum(d.obs[sl], d.mask[sl])
-    gen /= n * k
-    obs /= n
+    # Fully masked days add no power; they must not dilute the average either.
+    days = _valid_days(d).sum(dtype=_F64).clamp_min(1)
+    gen /= days * k
+    obs /= days
 
     side = min(h, w)
     k_max = side // 2
@@ -445,8 +460,13 @@ def _spectra(d: EvalData) -> tuple[Tensor, Tensor, Tensor]:
 
 def _spectrum_log_error(d: EvalData) -> Tensor:
     _, gen, obs = _spectra(d)
-    tiny = torch.finfo(_F64).tiny
-    return (gen[1:].clamp_min(tiny).log10() - obs[1:].clamp_min(tiny).log10()).abs().mean()
+    gen, obs = gen[1:], obs[1:]
+    # A scale with no power in either spectrum carries no error; one with power in only one of
+    # them is infinitely wrong in decades (an all-dry split against rain, say), not the ~300
+    # decades that clamping at the float64 minimum used to give.
+    either = (gen > 0) | (obs > 0)
+    err = torch.where(either, (gen.log10() - obs.log10()).abs(), 0.0)
+    return err.sum() / either.sum().clamp_min(1)
 
 
 def _small_scale_power_ratio(d: EvalData) -> Tensor:

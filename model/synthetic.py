@@ -28,7 +28,7 @@ from scipy.special import expit, gammaincinv, logit
 
 from model.config import DataConfig, SyntheticConfig
 
-__all__ = ["synthetic_path", "write_synthetic"]
+__all__ = ["synthetic_path", "synthetic_skeleton", "write_synthetic"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +83,7 @@ def write_synthetic(cfg: SyntheticConfig, factor: int, path: Path) -> Path:
     Raises:
         ValueError: The grid is not a multiple of ``factor``.
     """
-    if factor < 1 or cfg.height % factor or cfg.width % factor:
-        raise ValueError(
-            f"upscale_factor: expected a divisor of the synthetic grid {cfg.height}x{cfg.width}, got {factor}"
-        )
+    _check_factor(cfg, factor)
     path = Path(path)
     ds = _generate(cfg, factor)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +99,13 @@ def write_synthetic(cfg: SyntheticConfig, factor: int, path: Path) -> Path:
         "wrote synthetic set %s (%d days, %dx%d, factor %d)", path, cfg.n_days, cfg.height, cfg.width, factor
     )
     return path
+
+
+def _check_factor(cfg: SyntheticConfig, factor: int) -> None:
+    if factor < 1 or cfg.height % factor or cfg.width % factor:
+        raise ValueError(
+            f"upscale_factor: expected a divisor of the synthetic grid {cfg.height}x{cfg.width}, got {factor}"
+        )
 
 
 def _netcdf_engine() -> str:
@@ -147,6 +151,44 @@ def _generate(cfg: SyntheticConfig, factor: int) -> xr.Dataset:
     signal = np.log1p(pr_coarse_full)
     signal_std = max(float(signal.std()), 1e-6)
 
+    covariates = []
+    for i in range(1, cfg.n_extra_predictors + 1):
+        weight = rng.uniform(0.5, 1.5)
+        noise = rng.standard_normal(signal.shape) * (0.3 * i * signal_std)
+        covariates.append((weight * signal + noise).astype(np.float32))
+    return _assemble(cfg, factor, pr, pr_coarse, elevation.astype(np.float32), covariates, mask)
+
+
+def synthetic_skeleton(cfg: SyntheticConfig, factor: int) -> xr.Dataset:
+    """The synthetic set's variables, dims, coordinates and dates, every value 0 and held in no
+    memory: what a config is checked against without generating the set.
+
+    Raises:
+        ValueError: The grid is not a multiple of ``factor``.
+    """
+    _check_factor(cfg, factor)
+    n, h, w = cfg.n_days, cfg.height, cfg.width
+
+    def zeros(*shape: int) -> np.ndarray:
+        return np.broadcast_to(np.float32(0.0), shape)
+
+    coarse = zeros(n, h // factor, w // factor)
+    mask = np.ones((h, w), dtype=bool)
+    return _assemble(
+        cfg, factor, zeros(n, h, w), coarse, zeros(h, w), [coarse] * cfg.n_extra_predictors, mask
+    )
+
+
+def _assemble(
+    cfg: SyntheticConfig,
+    factor: int,
+    pr: np.ndarray,
+    pr_coarse: np.ndarray,
+    elevation: np.ndarray,
+    covariates: list[np.ndarray],
+    mask: np.ndarray,
+) -> xr.Dataset:
+    h, w = cfg.height, cfg.width
     lat, lon = _fine_coords(h, w)
     times = (np.datetime64(cfg.start, "D") + np.arange(cfg.n_days)).astype("datetime64[ns]")
     coarse_dims = ("time", "lat_coarse", "lon_coarse")
@@ -161,14 +203,12 @@ def _generate(cfg: SyntheticConfig, factor: int) -> xr.Dataset:
             pr_coarse,
             {"units": "mm/day", "long_name": f"block mean of pr over {factor}x{factor} cells"},
         ),
-        "elevation": (("lat", "lon"), elevation.astype(np.float32), {"units": "m", "long_name": "elevation"}),
+        "elevation": (("lat", "lon"), elevation, {"units": "m", "long_name": "elevation"}),
     }
-    for i in range(1, cfg.n_extra_predictors + 1):
-        weight = rng.uniform(0.5, 1.5)
-        noise = rng.standard_normal(signal.shape) * (0.3 * i * signal_std)
+    for i, values in enumerate(covariates, start=1):
         data_vars[f"x{i}_coarse"] = (
             coarse_dims,
-            (weight * signal + noise).astype(np.float32),
+            values,
             {"units": "1", "long_name": f"noisy covariate {i} of log1p(coarse precipitation)"},
         )
     if cfg.with_mask:

@@ -8,11 +8,12 @@ infinite loss stops training with :class:`TrainingDiverged`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from model.metrics import EvalData
 from model.plots import plot_samples
 
 __all__ = [
+    "DeviceUnavailable",
     "EpochCallback",
     "EpochReport",
     "StepLoss",
@@ -79,6 +81,10 @@ class TrainResult:
     timings: dict[str, float]
     device: str
     precision: str
+    threads: int
+    """CPU threads it ran with: float sums on the CPU, and so the values, depend on them."""
+    cpu_capability: str
+    """The CPU kernels torch chose (``AVX2``, ``AVX512``, ...), which round differently."""
     versions: dict[str, str]
     peak_gpu_memory_bytes: int | None = None
     """Most GPU memory the caching allocator held during training and evaluation; ``None``
@@ -89,12 +95,27 @@ class TrainResult:
     extra: dict[str, object] = field(default_factory=dict)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU; ``cuda`` without a GPU is an error."""
+class DeviceUnavailable(ValueError):
+    """The device asked for is not there (``cuda`` without a usable GPU)."""
+
+
+def resolve_device(name: str, field: str = "train.device") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; ``cuda`` without a GPU is an error.
+
+    Args:
+        name: ``auto``, ``cpu`` or ``cuda``.
+        field: What set ``name``, for the error.
+
+    Raises:
+        DeviceUnavailable: ``cuda`` was asked for and torch sees no CUDA device.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device: 'cuda' was asked for but no CUDA device is available")
+        raise DeviceUnavailable(
+            f"{field}: expected auto or cpu on this machine, got 'cuda': torch sees no CUDA device "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})"
+        )
     return torch.device(name)
 
 
@@ -149,6 +170,31 @@ def train(
     Raises:
         TrainingDiverged: A loss term became NaN or infinite.
     """
+    with _cpu_threads(cfg.train.threads):
+        return _train(cfg, out_dir=out_dir, callbacks=callbacks, data=data)
+
+
+@contextlib.contextmanager
+def _cpu_threads(threads: int | None) -> Iterator[None]:
+    """``train.threads`` for the duration of one training run; the process's setting otherwise."""
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(
+    cfg: Config,
+    *,
+    out_dir: str | Path | None,
+    callbacks: Sequence[EpochCallback],
+    data: Dataset | None,
+) -> TrainResult:
     t_start = time.perf_counter()
     device = resolve_device(cfg.train.device)
     bf16 = _use_bf16(cfg, device)
@@ -238,6 +284,8 @@ def train(
         },
         device=str(device),
         precision="bf16" if bf16 else "fp32",
+        threads=torch.get_num_threads(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
         versions=versions(),
         peak_gpu_memory_bytes=peak,
     )
@@ -319,7 +367,9 @@ def _write_outputs(
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     if cfg.train.save_checkpoint:
-        result.checkpoint = save_checkpoint(out / "checkpoint.pt", model, cfg, {"metrics": result.metrics})
+        result.checkpoint = save_checkpoint(
+            out / "checkpoint.pt", model, cfg, {"metrics": result.metrics}, grid=data.grid
+        )
     days = min(cfg.eval.plot_days, ev.obs.shape[0])
     if days > 0:
         k = min(cfg.eval.plot_samples, ev.samples.shape[1])
@@ -343,6 +393,8 @@ def _write_outputs(
                 "timings": result.timings,
                 "device": result.device,
                 "precision": result.precision,
+                "threads": result.threads,
+                "cpu_capability": result.cpu_capability,
                 "peak_gpu_memory_bytes": result.peak_gpu_memory_bytes,
                 "versions": result.versions,
             },

@@ -42,7 +42,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import yaml
 
     from model.config import load_config, with_overrides
-    from model.trainer import train
+    from model.trainer import resolve_device, train
+    from search.reproduce import compare_run, read_provenance, threads_note
 
     cfg = load_config(args.config)
     overrides = {}
@@ -53,6 +54,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides[key] = yaml.safe_load(value)
     if overrides:
         cfg = with_overrides(cfg, overrides, "--set")
+    resolve_device(cfg.train.device, f"{args.config}: train.device")  # before any data is read
+    provenance = read_provenance(args.config)
+    note = provenance and threads_note(provenance, cfg)
+    if note:
+        print(note, file=sys.stderr)
 
     result = train(cfg, out_dir=args.output, callbacks=[_progress])
     width = max(len(k) for k in result.metrics)
@@ -62,6 +68,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"\n{result.epochs_run} epochs on {result.device} ({result.precision}), "
         f"{result.timings['samples_per_s']:,.0f} samples/s; outputs in {args.output}"
     )
+    for line in compare_run(provenance, result, list(overrides)) if provenance else ():
+        print(line)
     return 0
 
 
@@ -84,25 +92,34 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def _cmd_create(args: argparse.Namespace) -> int:
     from search.definition import load_definition
-    from search.storage import open_storage, redact, resolve_storage_url
-    from search.study import create_study
+    from search.storage import check_storage_url, open_storage, redact, resolve_storage_url
+    from search.study import check_study_data, create_study
 
-    definition = load_definition(args.study)  # validated fully before the database is touched
+    # The definition, the storage URL and the data are checked before the storage is touched.
+    definition = load_definition(args.study)
     url = resolve_storage_url(args.storage)
+    check_storage_url(url)
+    for line in check_study_data(definition):
+        print(f"data of {line}")
     study = create_study(definition, open_storage(url))
     print(
         f"study {study.study_name} ready in {redact(url)}: budget {definition.n_trials} trials, "
         f"{len(definition.baselines)} baselines, digest {definition.digest()}"
     )
+    for name in definition.baselines:
+        print(f"  {definition.describe_baseline(name)}")
     return 0
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from search.definition import load_definition
-    from search.storage import open_storage, resolve_storage_url
+    from search.storage import check_storage_url, open_storage, resolve_storage_url
     from search.study import load_study
     from search.worker import measured_peaks, parse_per_gpu, plan_processes, run_worker, run_workers
 
+    per_gpu = parse_per_gpu(args.per_gpu)
+    # A worker only reads a study: a mistyped SQLite path must not become an empty database.
+    check_storage_url(resolve_storage_url(args.storage), must_exist=True)
     local = load_definition(args.study_file) if args.study_file else None
 
     def work_here() -> int:
@@ -119,10 +136,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     if args.child:
         return work_here()
     # Opened once, and only to check --study-file or to read the peaks --per-gpu auto packs by.
-    study = functools.cache(lambda: load_study(args.study, open_storage(args.storage), local=local)[0])
-    plans = plan_processes(
-        args.gpus, parse_per_gpu(args.per_gpu), args.processes, peaks=lambda: measured_peaks(study())
+    study = functools.cache(
+        lambda: load_study(args.study, open_storage(args.storage, create=False), local=local)[0]
     )
+    plans = plan_processes(args.gpus, per_gpu, args.processes, peaks=lambda: measured_peaks(study()))
     if local is not None:  # refuse before starting any process
         study()
     devices = {p.env.get("CUDA_VISIBLE_DEVICES") or "cpu" for p in plans}
@@ -147,7 +164,7 @@ def _open(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
     from search.study import load_study
 
     url = resolve_storage_url(args.storage)
-    storage = open_storage(url)
+    storage = open_storage(url, create=False)
     study, definition = load_study(args.study, storage)
     return study, definition, storage, url
 
@@ -198,21 +215,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from search.storage import redact, resolve_storage_url
+    from search.dashboard import DashboardUnavailable, serve
+    from search.storage import check_storage_url, redact, resolve_storage_url
 
-    url = resolve_storage_url(args.storage)
-    cmd = [
-        "optuna-dashboard",
-        url,
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-        "--artifact-dir",
-        _artifact_dir(args.artifact_dir),
-    ]
-    print(f"optuna-dashboard on http://{args.host}:{args.port} for {redact(url)}", file=sys.stderr)
-    os.execvp(cmd[0], cmd)
+    url = resolve_storage_url(args.storage)  # stays in this process: never on a command line
+    check_storage_url(url, must_exist=True)
+
+    def ready(address: str) -> None:
+        print(f"optuna-dashboard on {address} for {redact(url)}", file=sys.stderr, flush=True)
+
+    try:
+        serve(
+            url,
+            host=args.host,
+            port=args.port,
+            artifact_dir=_artifact_dir(args.artifact_dir),
+            refresh_s=args.refresh,
+            ready=ready,
+        )
+    except DashboardUnavailable as e:
+        print(f"cvae-search dashboard: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
 
 
 def _cmd_proxy(args: argparse.Namespace) -> int:
@@ -318,7 +342,16 @@ def _parser() -> argparse.ArgumentParser:
     storage(sp)
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8080)
-    sp.add_argument("--artifact-dir")
+    sp.add_argument(
+        "--artifact-dir", help="artifact folder (default: $CVAE_SEARCH_ARTIFACTS or ./cvae-search-artifacts)"
+    )
+    sp.add_argument(
+        "--refresh",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds between updates of the cvae-search plots and notes (default 60; 0: at start only)",
+    )
 
     sp = command(
         "proxy", _cmd_proxy, "Optuna's gRPC storage proxy in front of the database, for many workers"
@@ -348,14 +381,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         StudyNotFound,
         NoFeasibleTrial,
         ConnectionError,
-        FileNotFoundError,
+        OSError,
         ValueError,
     )
     try:
         return args.fn(args)
     except expected as e:
-        print(f"cvae-search {args.command}: error: {e}", file=sys.stderr)
+        _log.debug("the error's traceback", exc_info=True)
+        print(f"cvae-search {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _one_line(e: BaseException) -> str:
+    """The error's message on one line (an OSError's names its file)."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -100,9 +100,20 @@ class SamplerSpec:
 
 @dataclass
 class Baseline:
+    """A reference setting run on the study's own data and sizes.
+
+    Its config is the study's base (with the study's overrides) where the baseline sets
+    nothing: a baseline means "these settings on this study", never another data set.
+    """
+
     name: str
-    config: str
-    """Path of a training config, relative to the study file."""
+    config: str | None = None
+    """A training config, relative to the study file, that the values below are read from."""
+    fields: list[str] = field(default_factory=list)
+    """Dotted fields or whole sections (``loss``, ``model.output``) taken from ``config``
+    besides the searched ones, which a baseline with a config always takes."""
+    set: dict[str, Any] = field(default_factory=dict)
+    """Dotted values set directly, after those taken from ``config``."""
 
 
 @dataclass
@@ -152,6 +163,9 @@ class StudyDefinition:
     baselines: dict[str, Config]
     save_checkpoints: bool
     source: str = "<definition>"
+    baseline_fields: dict[str, list[str]] = field(default_factory=dict)
+    """The dotted fields each baseline sets, as read from its study file (for display; the
+    stored definition keeps only the resolved configs)."""
 
     @property
     def directions(self) -> list[str]:
@@ -169,7 +183,7 @@ class StudyDefinition:
         data = {
             "name": self.name,
             "description": self.description,
-            "base": config_to_dict(self.base),
+            "base": _config_dict(self.base),
             "space": {k: _param_dict(v) for k, v in self.space.items()},
             "objectives": [asdict(o) for o in self.objectives],
             "constraints": [asdict(c) for c in self.constraints],
@@ -179,7 +193,7 @@ class StudyDefinition:
             "max_retries": self.max_retries,
             "max_failures": self.max_failures,
             "collapse": None if self.collapse is None else asdict(self.collapse),
-            "baselines": {k: config_to_dict(v) for k, v in self.baselines.items()},
+            "baselines": {k: _config_dict(v) for k, v in self.baselines.items()},
             "save_checkpoints": self.save_checkpoints,
         }
         return data
@@ -218,6 +232,20 @@ class StudyDefinition:
         start = self.baselines[baseline] if baseline is not None else self.base
         return with_overrides(start, dict(params), f"{self.name}: trial parameters")
 
+    def describe_baseline(self, name: str) -> str:
+        """What baseline ``name`` sets, and where it differs from the base, in one line."""
+        cfg = self.baselines[name]
+        fields = self.baseline_fields.get(name, [])
+        differs = [
+            f"{dotted}={get_field(cfg, dotted)!r}"
+            for dotted in fields
+            if get_field(cfg, dotted) != get_field(self.base, dotted)
+        ]
+        return (
+            f"baseline {name} sets {len(fields)} field{'s' if len(fields) != 1 else ''} on the study's base; "
+            + (f"differs from it in {', '.join(differs)}" if differs else "the same values as the base")
+        )
+
     def baseline_params(self, name: str) -> dict[str, Any]:
         """A baseline's values at the paths it searches, for enqueueing it as a trial."""
         cfg = self.baselines[name]
@@ -226,6 +254,15 @@ class StudyDefinition:
             if p.active(params):
                 params[path] = get_field(cfg, path)
         return params
+
+
+def _config_dict(cfg: Config) -> dict[str, Any]:
+    # data.missing_predictors at its default is left out, so studies created before the field
+    # existed keep their digest.
+    data = config_to_dict(cfg)
+    if data["data"]["missing_predictors"] == "error":
+        del data["data"]["missing_predictors"]
+    return data
 
 
 def _param_dict(p: Param) -> dict[str, Any]:
@@ -287,6 +324,61 @@ def _within(p: Param, value: Any) -> bool:
         return value in (p.choices or [])
     assert p.low is not None and p.high is not None
     return isinstance(value, (int, float)) and p.low <= value <= p.high
+
+
+_BASELINE_SECTIONS = ("model", "loss", "train")
+"""What a baseline may set: the data it trains on and how it is judged are the study's."""
+
+
+def _leaves(cfg: Config, dotted: str) -> list[str]:
+    """The dotted leaf fields at ``dotted``: itself, or every field of the section it names."""
+    node: Any = config_to_dict(cfg)
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    if not isinstance(node, dict):
+        return [dotted]
+    return [leaf for key in node for leaf in _leaves(cfg, f"{dotted}.{key}")]
+
+
+def _resolve_baseline(
+    study_file: Path, i: int, b: Baseline, base: Config, space: Mapping[str, Param]
+) -> tuple[Config, list[str]]:
+    """A baseline's config on the study's base, and the dotted fields it sets."""
+    source = str(study_file)
+    where = f"baselines[{i}] ({b.name})"
+    if b.fields and b.config is None:
+        raise _fail(source, f"{where}.fields", "a config to take them from (baselines[].config)", b.fields)
+    values: dict[str, Any] = {}
+    if b.config is not None:
+        own = _resolve_config(study_file, b.config, f"baselines[{i}].config")
+        assigned: dict[str, Any] = {}
+        for name, param in space.items():
+            if param.active(assigned):
+                values[name] = assigned[name] = get_field(own, name)
+        for j, dotted in enumerate(b.fields):
+            if dotted.split(".")[0] not in _BASELINE_SECTIONS:
+                raise _fail(
+                    source,
+                    f"{where}.fields[{j}]",
+                    f"a field or section of {', '.join(_BASELINE_SECTIONS)} (a baseline trains on the "
+                    "study's data and is judged by its eval section)",
+                    dotted,
+                )
+            try:
+                values.update({leaf: get_field(own, leaf) for leaf in _leaves(own, dotted)})
+            except KeyError:
+                expected = "a field or section of the training config"
+                raise _fail(source, f"{where}.fields[{j}]", expected, dotted) from None
+    for dotted in b.set:
+        if dotted.split(".")[0] not in _BASELINE_SECTIONS:
+            raise _fail(
+                source, f"{where}.set.{dotted}", f"a field of {', '.join(_BASELINE_SECTIONS)}", dotted
+            )
+    values.update(b.set)
+    cfg = with_overrides(base, values, f"{source}: {where}")
+    return cfg, list(values)
 
 
 def _resolve_config(study_file: Path, ref: str, field_name: str) -> Config:
@@ -354,12 +446,11 @@ def load_definition(path: str | Path) -> StudyDefinition:
         raise _fail(source, "collapse.after_epoch", "an epoch >= 1", spec.collapse.after_epoch)
 
     baselines: dict[str, Config] = {}
+    baseline_fields: dict[str, list[str]] = {}
     for i, b in enumerate(spec.baselines):
         if b.name in baselines:
             raise _fail(source, f"baselines[{i}].name", "a unique name", b.name)
-        cfg = with_overrides(
-            _resolve_config(path, b.config, f"baselines[{i}].config"), spec.overrides, f"{source}: overrides"
-        )
+        cfg, baseline_fields[b.name] = _resolve_baseline(path, i, b, base, spec.space)
         assigned: dict[str, Any] = {}
         for name, param in spec.space.items():
             if not param.active(assigned):
@@ -388,4 +479,5 @@ def load_definition(path: str | Path) -> StudyDefinition:
         baselines=baselines,
         save_checkpoints=spec.save_checkpoints,
         source=source,
+        baseline_fields=baseline_fields,
     )

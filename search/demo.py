@@ -17,7 +17,7 @@ from search.definition import StudyDefinition, load_definition
 from search.export import NoFeasibleTrial, export_trial, pick_trial
 from search.report import dominates, format_table, pareto_table, write_report
 from search.storage import open_storage
-from search.study import BASELINE_ATTR, create_study, load_study
+from search.study import BASELINE_ATTR, check_study_data, create_study, load_study
 from search.worker import plan_processes, run_workers
 
 __all__ = ["DEMO_STUDY", "run_demo"]
@@ -30,6 +30,7 @@ def run_demo(out: Path, *, workers: int = 2, study_file: Path = DEMO_STUDY) -> i
     if not study_file.exists():
         raise FileNotFoundError(f"{study_file}: the demo study file is missing (run from a checkout)")
     definition = load_definition(study_file)
+    check_study_data(definition)
     out = out.resolve()
     for stale in ("study.db", "study.db.lock", "artifacts", "report", "best.yaml"):
         path = out / stale

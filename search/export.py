@@ -15,7 +15,9 @@ constraint) is ever picked from. Pick rules:
     metric) lies within the bound, e.g. ``max:diversity@ks_stat<=0.1``.
 
 The export is a YAML config in the training schema plus a ``provenance`` block saying where
-it came from; with the trial's seed and budget it reproduces the trial's objective values.
+it came from. It sets ``train.threads`` to the CPU threads the trial trained with and records
+what else its values depend on (``provenance.reproduction``, :mod:`search.reproduce`), so that
+``cvae-search train`` of the export reproduces the trial's objective values on the CPU.
 :func:`verify_trial` retrains it with other seeds, so a lucky point is seen before production
 training.
 """
@@ -37,10 +39,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from model.config import Config, Normalization, save_config
 from search.definition import StudyDefinition
+from search.reproduce import reproduction_record, trial_threads
 from search.storage import redact
 from search.study import BASELINE_ATTR
 
 __all__ = [
+    "EXPORTED_ATTR",
     "PICK_RULES_HELP",
     "NoFeasibleTrial",
     "VerifyResult",
@@ -58,6 +62,9 @@ PICK_RULES_HELP = (
     "recorded metric; max:METRIC@OTHER<=BOUND (or >=, or min:): the same among the front's "
     "trials with OTHER within the bound, e.g. max:diversity@ks_stat<=0.1"
 )
+
+EXPORTED_ATTR = "cvae_search:exported"
+"""Study system attribute naming the latest exported trial, which the dashboard's front circles."""
 
 _RULE = re.compile(
     r"^(?P<sense>max|min):(?P<metric>[A-Za-z_]\w*)"
@@ -199,8 +206,12 @@ def pick_trial(study: optuna.Study, definition: StudyDefinition, rule: str = "kn
 
 
 def trial_config(definition: StudyDefinition, trial: FrozenTrial) -> Config:
-    """The config ``trial`` trained, with the normalisation statistics it fitted (when recorded)."""
+    """The config ``trial`` trained, with the normalisation statistics it fitted and the CPU
+    threads it trained with (each when recorded)."""
     cfg = definition.config_for(trial.params, trial.user_attrs.get(BASELINE_ATTR))
+    threads = trial_threads(trial)
+    if threads is not None:
+        cfg = replace(cfg, train=replace(cfg.train, threads=threads))
     stats = trial.user_attrs.get("normalization")
     if stats is None:
         _log.warning("trial %d recorded no normalization; training the export refits it", trial.number)
@@ -236,6 +247,7 @@ def _provenance(
         "feasible": all(v <= 0 for v in constraints.values()),
         "metrics": dict(trial.user_attrs.get("metrics") or {}),
         "stopped": trial.user_attrs.get("stopped"),
+        "reproduction": reproduction_record(trial),
         "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "versions": _versions(),
         "storage": redact(storage_url),
@@ -258,7 +270,7 @@ def export_trial(
     """Write ``trial``'s training config, with its provenance, to ``out``.
 
     The file loads with :func:`model.config.load_config` (which ignores ``provenance``) and
-    trains as it is.
+    trains as it is. The study records the export (:data:`EXPORTED_ATTR`).
 
     Args:
         study: The trial's study.
@@ -276,8 +288,12 @@ def export_trial(
         raise ValueError(f"trial {trial.number}: expected a complete trial, got {trial.state.name}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_config(
-        trial_config(definition, trial), out, _provenance(study, definition, trial, storage_url, rule, verify)
+    provenance = _provenance(study, definition, trial, storage_url, rule, verify)
+    save_config(trial_config(definition, trial), out, provenance)
+    study._storage.set_study_system_attr(
+        study._study_id,
+        EXPORTED_ATTR,
+        {"trial": trial.number, "pick": rule, "file": str(out.resolve()), "at": provenance["exported_at"]},
     )
     _log.info("exported trial %d of %s to %s", trial.number, study.study_name, out)
     return out

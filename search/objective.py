@@ -253,6 +253,8 @@ class TrialObjective:
             RUNTIME_ATTR: {
                 "device": result.device,
                 "precision": result.precision,
+                "threads": result.threads,
+                "cpu_capability": result.cpu_capability,
                 "host": socket.gethostname(),
                 "platform": platform.platform(terse=True),
                 "versions": result.versions,

@@ -23,12 +23,22 @@ from optuna.trial import FrozenTrial, TrialState
 from search.definition import StudyDefinition
 from search.study import BASELINE_ATTR
 
-__all__ = ["dominates", "format_table", "hypervolume_history", "pareto_table", "write_report"]
+__all__ = [
+    "diagnosis",
+    "dominates",
+    "feasible",
+    "format_table",
+    "hypervolume_history",
+    "pareto_layers",
+    "pareto_table",
+    "write_report",
+]
 
 _log = logging.getLogger(__name__)
 
 
-def _feasible(trial: FrozenTrial) -> bool:
+def feasible(trial: FrozenTrial) -> bool:
+    """Every constraint of ``trial`` holds (Optuna's rule: each value <= 0)."""
     return all(v <= 0 for v in trial.constraints.values())
 
 
@@ -52,7 +62,7 @@ def dominates(definition: StudyDefinition, a: FrozenTrial, b: FrozenTrial) -> bo
     return _dominates(signs * np.asarray(a.values), signs * np.asarray(b.values))
 
 
-def _layers(
+def pareto_layers(
     definition: StudyDefinition, trials: Sequence[FrozenTrial], depth: int
 ) -> list[list[FrozenTrial]]:
     """The first ``depth`` non-domination layers of ``trials`` (layer 0 is the Pareto front)."""
@@ -81,7 +91,7 @@ def hypervolume_history(study: optuna.Study, definition: StudyDefinition) -> lis
     history: list[tuple[int, float]] = []
     for trial in _complete(study):
         point = signs * np.asarray(trial.values, dtype=float)
-        if _feasible(trial) and np.all(point <= reference):
+        if feasible(trial) and np.all(point <= reference):
             points.append(point)
         hv = compute_hypervolume(np.array(points), reference) if points else 0.0
         history.append((trial.number, float(hv)))
@@ -96,7 +106,8 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _note(trial: FrozenTrial) -> str:
+def diagnosis(trial: FrozenTrial) -> str:
+    """Why ``trial`` failed, stopped early or is infeasible, in one line (empty when none applies)."""
     parts = []
     if trial.state != TrialState.COMPLETE:
         reason = trial.user_attrs.get("fail_reason")
@@ -129,7 +140,7 @@ def pareto_table(
         (why a trial stopped early, failed or is infeasible).
     """
     complete = _complete(study)
-    layers = _layers(definition, [t for t in complete if _feasible(t)], depth=2)
+    layers = pareto_layers(definition, [t for t in complete if feasible(t)], depth=2)
     where = {t.number: name for name, layer in zip(("front", "near"), layers, strict=False) for t in layer}
 
     def row(t: FrozenTrial) -> dict[str, Any]:
@@ -139,9 +150,9 @@ def pareto_table(
             "trial": t.number,
             "source": t.user_attrs.get(BASELINE_ATTR) or "search",
             **dict(zip(definition.metric_names, values, strict=True)),
-            "feasible": _feasible(t) if t.state == TrialState.COMPLETE else None,
+            "feasible": feasible(t) if t.state == TrialState.COMPLETE else None,
             "front": where.get(t.number, "-"),
-            "note": _note(t),
+            "note": diagnosis(t),
         }
 
     first = definition.objectives[0]
@@ -228,7 +239,7 @@ def _trial_rows(study: optuna.Study, definition: StudyDefinition) -> tuple[list[
             "number": t.number,
             "state": t.state.name,
             "baseline": t.user_attrs.get(BASELINE_ATTR),
-            "feasible": _feasible(t) if t.state == TrialState.COMPLETE else None,
+            "feasible": feasible(t) if t.state == TrialState.COMPLETE else None,
             "stopped": t.user_attrs.get("stopped"),
             "fail_reason": t.user_attrs.get("fail_reason"),
             "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
@@ -262,7 +273,7 @@ def _pareto_png(study: optuna.Study, definition: StudyDefinition, path: Path, pi
     from matplotlib.figure import Figure
 
     complete = _complete(study)
-    front = _layers(definition, [t for t in complete if _feasible(t)], depth=1)
+    front = pareto_layers(definition, [t for t in complete if feasible(t)], depth=1)
     on_front = {t.number for t in (front[0] if front else [])}
     fig = Figure(figsize=(7.5, 5.5), layout="constrained")
     ax = fig.subplots()
@@ -270,8 +281,8 @@ def _pareto_png(study: optuna.Study, definition: StudyDefinition, path: Path, pi
     def xy(trials: Sequence[FrozenTrial]) -> tuple[list[float], list[float]]:
         return [t.values[0] for t in trials], [t.values[1] for t in trials]
 
-    infeasible = [t for t in complete if not _feasible(t)]
-    dominated = [t for t in complete if _feasible(t) and t.number not in on_front]
+    infeasible = [t for t in complete if not feasible(t)]
+    dominated = [t for t in complete if feasible(t) and t.number not in on_front]
     best = sorted((t for t in complete if t.number in on_front), key=lambda t: t.values[0])
     ax.scatter(*xy(infeasible), c="0.7", marker="x", label=f"infeasible ({len(infeasible)})")
     ax.scatter(*xy(dominated), c="tab:blue", alpha=0.5, label=f"feasible ({len(dominated)})")

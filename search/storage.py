@@ -80,6 +80,7 @@ __all__ = [
     "StorageUnreachable",
     "StudyRetry",
     "describe_failure",
+    "check_storage_url",
     "is_budget_exhausted",
     "known_experimental",
     "open_storage",
@@ -697,15 +698,60 @@ def search_storage(storage: BaseStorage) -> SearchStorage | None:
     return backend if isinstance(backend, SearchStorage) else None
 
 
-def open_storage(url: str | None = None, settings: StorageSettings | None = None) -> BaseStorage:
+_URL_FORMS = "sqlite:///FILE, postgresql+psycopg2://USER@HOST/DB or grpc://HOST:PORT"
+
+
+def check_storage_url(url: str, *, must_exist: bool = False) -> None:
+    """Refuse a storage URL that cannot work, before anything is opened.
+
+    Args:
+        url: A resolved storage URL.
+        must_exist: Also refuse a SQLite URL whose file does not exist, so that a command
+            that only reads a study (``status``, ``export``, ``report``, ``worker``) given a
+            mistyped path creates no empty database; only ``create`` and ``demo`` make one.
+
+    Raises:
+        ValueError: Not a URL, an unknown scheme, or its driver is not installed.
+        FileNotFoundError: ``must_exist`` and the SQLite file is missing.
+    """
+    if url.startswith("grpc://"):
+        return
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+        parsed.get_dialect().import_dbapi()
+    except sqlalchemy.exc.NoSuchModuleError:
+        scheme = url.partition("://")[0]
+        raise ValueError(f"storage {redact(url)}: unknown scheme {scheme!r}; expected {_URL_FORMS}") from None
+    except sqlalchemy.exc.ArgumentError:
+        raise ValueError(f"storage: expected a URL such as {_URL_FORMS}, got {redact(url)!r}") from None
+    except ImportError as e:
+        raise ValueError(
+            f"storage {redact(url)}: the database driver for {parsed.drivername!r} is not installed ({e})"
+        ) from None
+    database = parsed.database
+    if must_exist and parsed.get_backend_name() == "sqlite" and database and database != ":memory:":
+        path = Path(database).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"storage {url}: no such SQLite file {path.absolute()}; check --storage (or "
+                "$OPTUNA_STORAGE), or create the study there with `cvae-search create`"
+            )
+
+
+def open_storage(
+    url: str | None = None, settings: StorageSettings | None = None, *, create: bool = True
+) -> BaseStorage:
     """Open the storage a worker, the CLI or the dashboard uses.
 
     Args:
         url: A SQLAlchemy URL, ``grpc://host:port``, or ``None`` for the environment's or
             the embedded default.
         settings: Connection and heartbeat settings.
+        create: Make a SQLite file (and its folder) that does not exist yet; otherwise a
+            missing one is an error (:func:`check_storage_url`).
     """
     url = resolve_storage_url(url)
+    check_storage_url(url, must_exist=not create)
     if url.startswith("grpc://"):
         host, _, port = url.removeprefix("grpc://").rpartition(":")
         if not host or not port.isdigit():
@@ -714,7 +760,7 @@ def open_storage(url: str | None = None, settings: StorageSettings | None = None
         proxy = ProxyStorage(host, int(port), settings)
         proxy.wait_server_ready(timeout=settings.connect_timeout)
         return proxy
-    if url.startswith("sqlite:///"):
+    if create and url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
     try:
         return SearchStorage(url, settings)

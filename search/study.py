@@ -7,6 +7,7 @@ and enqueues the baselines once; workers only load.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import socket
@@ -16,6 +17,7 @@ import uuid
 import optuna
 from optuna.storages import BaseStorage
 
+from model.data import DataError, check_data
 from search.definition import StudyDefinition
 from search.storage import BUDGET_ATTR, MAX_RETRIES_ATTR, known_experimental, search_storage
 
@@ -24,6 +26,7 @@ __all__ = [
     "DIGEST_ATTR",
     "DefinitionMismatch",
     "StudyNotFound",
+    "check_study_data",
     "claim_worker_slot",
     "create_study",
     "load_study",
@@ -77,8 +80,41 @@ def _check_same(local: StudyDefinition, stored: StudyDefinition) -> None:
         )
 
 
+def check_study_data(definition: StudyDefinition) -> list[str]:
+    """Check the data of the base config and of every baseline as their trials will load them.
+
+    Run before anything is written to the storage, so that a study whose data would fail every
+    trial is never created. A data file is read whole, with every check training makes; a
+    synthetic source is checked against its generator's layout without being generated
+    (:func:`model.data.check_data`). Each distinct data section is checked once.
+
+    Returns:
+        One line per distinct data section: the configs that use it, then what was checked.
+
+    Raises:
+        DataError: The loader's one-line error, after the study file and the config's name.
+    """
+    checked: dict[str, tuple[str, list[str]]] = {}
+    configs = [("base", definition.base), *((f"baseline {n}", c) for n, c in definition.baselines.items())]
+    for name, cfg in configs:
+        key = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True)
+        if key in checked:
+            checked[key][1].append(name)
+            continue
+        try:
+            line = check_data(cfg.data)
+        except ValueError as e:  # DataError, and a synthetic grid the factor does not divide
+            raise DataError(f"{definition.source}: {name}: {e}") from e
+        checked[key] = (line, [name])
+    return [f"{', '.join(names)}: {line}" for line, names in checked.values()]
+
+
 def create_study(definition: StudyDefinition, storage: BaseStorage) -> optuna.Study:
-    """Create study ``definition.name`` (or reuse an identical one) and enqueue its baselines."""
+    """Create study ``definition.name`` (or reuse an identical one) and enqueue its baselines.
+
+    The caller checks the data first (:func:`check_study_data`), before opening ``storage``:
+    opening one already writes Optuna's schema.
+    """
     try:
         existing = stored_definition(storage, definition.name, wait_s=5.0)
     except StudyNotFound:

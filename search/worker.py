@@ -2,10 +2,10 @@
 
 A worker loop asks for a trial, trains it under a heartbeat, and tells the outcome. It
 uses ask/tell rather than ``study.optimize``, so it runs Optuna's liveness machinery itself:
-a heartbeat thread while a trial runs, and :func:`search.storage.reap_stale_trials`
-(Optuna's ``fail_stale_trials``, which fails dead workers' trials and re-enqueues them) before
-every ask. Its sampler seed is offset by a slot the study hands each worker, so workers
-started separately (container replicas, a worker started again) do not repeat each other.
+a heartbeat thread while a trial runs, and :func:`search.storage.reap_stale_trials` (which
+fails dead workers' trials with the reason and re-enqueues them) before every ask. Its sampler
+seed is offset by a slot the study hands each worker, so workers started separately (container
+replicas, a worker started again) do not repeat each other.
 
 ``run_workers`` starts one such process per GPU (``CUDA_VISIBLE_DEVICES`` set for each; K per
 GPU when asked, or under CUDA MPS as many as the study's measured peak memory allows) or N on
@@ -321,7 +321,7 @@ def run_worker(
         _end_with_parent(signals.parent_pid)
     _apply_process_limits()
     _quiet_optuna_warnings()
-    storage = open_storage(storage_url, settings)
+    storage = open_storage(storage_url, settings, create=False)
     study, definition = load_study(study_name, storage, local=local)
     # A slot the study hands out, not the command line's index: separately started workers
     # (and a worker started again later) must not replay the same sampler seed.

@@ -192,7 +192,7 @@ def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Write a study file into a new folder, its ``base:`` a tiny training config written beside it.
 
     Call it as ``tiny_study(name, n_trials=4, epochs=2, baselines={"b": {"train.lr": 0.01}},
-    **study_fields)``: each baseline is the tiny config with its dotted overrides; other keyword
+    **study_fields)``: each baseline sets its dotted values on the study's base; other keyword
     arguments are study-file fields (``collapse=None``, ``constraints=[...]``, ...). By default
     two parameters are searched (``loss.beta_kl`` in log space, ``loss.free_bits``) and the
     collapse rule is off, so a trial trains all its epochs.
@@ -220,8 +220,7 @@ def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
             "baselines": [],
         }
         for b, overrides in (baselines or {}).items():
-            (folder / f"{b}.yaml").write_text(yaml.safe_dump(tiny_config_dict(epochs, overrides)))
-            study["baselines"].append({"name": b, "config": f"{b}.yaml"})
+            study["baselines"].append({"name": b, "set": overrides})
         study.update(fields)
         path = folder / "study.yaml"
         path.write_text(yaml.safe_dump(study, sort_keys=False))

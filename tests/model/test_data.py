@@ -91,18 +91,23 @@ def test_loads_the_synthetic_set_through_the_file_loader(
     assert (data.n_predictors, data.n_static, data.factor) == (2, 1, 4)
     assert data.train.times.dtype == np.dtype("datetime64[ns]")
     assert data.train.times[-1] < data.val.times[0] and data.val.times[-1] < data.test.times[0]
-    assert data.target_attrs["units"] == "mm/day"
+    assert data.grid.target_attrs["units"] == "mm/day"
+    assert data.grid.coord_attrs["lat"]["units"] == "degrees_north"
+    assert data.attrs["title"] == "cvae-search synthetic precipitation"
 
     with xr.open_dataset(path) as ds:
-        np.testing.assert_array_equal(data.fine_coords["lat"], ds["lat"].values)
+        np.testing.assert_array_equal(data.grid.coords["lat"], ds["lat"].values)
         pr = ds["pr"].values[:42]
         land = ds["mask"].values == 1
         coarse = ds["pr_coarse"].values[:42]
+    np.testing.assert_array_equal(data.grid.mask.numpy(), land)
     np.testing.assert_array_equal(data.train.mask[:, 0].numpy(), np.isfinite(pr) & land)
     valid = data.train.mask[:, 0]
     back = data.normalizer.to_mm(data.train.fine[:, 0])[valid].numpy()
     np.testing.assert_allclose(back, pr[valid.numpy()], rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(data.train.coarse_mass[:, 0].numpy(), np.nan_to_num(coarse), rtol=1e-6)
+    assert np.isnan(coarse).any(), "coarse blocks over the ocean only are missing"
+    filled = np.where(np.isnan(coarse), data.stats.predictor_mean[0], coarse)
+    np.testing.assert_allclose(data.train.coarse_mass[:, 0].numpy(), filled, rtol=1e-6)
     assert all(torch.isfinite(t).all() for t in tensors(data))
 
     mtime = path.stat().st_mtime_ns
@@ -168,7 +173,7 @@ def test_non_square_factor_12_with_six_predictors(tmp_path: Path) -> None:
     assert data.test.coarse_mass is not None and data.test.coarse_mass.shape == (9, 1, 3, 2)
     assert (data.height, data.width, data.coarse_height, data.coarse_width) == (36, 24, 3, 2)
     assert data.n_predictors == 6 and data.n_static == 0 and data.static.shape == (0, 36, 24)
-    assert [len(v) for v in data.fine_coords.values()] == [36, 24]
+    assert [len(v) for v in data.grid.coords.values()] == [36, 24]
     for i in range(6):
         channel = data.train.coarse[:, i]
         assert abs(float(channel.mean())) < 1e-4 and float(channel.std()) == pytest.approx(1.0, rel=0.02)
@@ -189,26 +194,54 @@ def test_variables_in_another_dim_order_are_transposed(tmp_path: Path) -> None:
     assert torch.equal(a.train.mask, b.train.mask)
 
 
-def test_nan_cells_are_masked_and_no_nan_reaches_a_tensor(tmp_path: Path) -> None:
+def test_nan_cells_are_masked_and_no_nan_reaches_a_tensor(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     ds = make_ds()
     ds["pr"][3, 5, 6] = np.nan
     ds["pr"][:, 10, 10] = np.nan
-    ds["pr"][0, 15, 15] = np.inf
-    ds["x1"][2, 1, 1] = np.nan
-    ds["pr_coarse"][4, 0, :] = np.nan
+    ds["x1"][2, 0, 0] = np.nan  # over the ocean corner (the mask's [:4, :4]): not needed
+    ds["pr_coarse"][4, 0, :] = np.nan  # three of these four cells cover land
     ds["elevation"][7, 7] = np.nan
-    cfg = file_cfg(write(ds, tmp_path / "a.nc"), mask_var="mask", static_vars=["elevation"])
-    data = load_data(cfg)
+    cfg = file_cfg(
+        write(ds, tmp_path / "a.nc"), mask_var="mask", static_vars=["elevation"], missing_predictors="fill"
+    )
+    with caplog.at_level(logging.WARNING, logger="model.data"):
+        data = load_data(cfg)
     mask = data.train.mask[:, 0]
-    assert not mask[3, 5, 6] and not mask[:, 10, 10].any() and not mask[0, 15, 15]
+    assert not mask[3, 5, 6] and not mask[:, 10, 10].any()
     assert not mask[:, :4, :4].any(), "ocean cells of the static mask are invalid"
-    assert int(mask.sum()) == 42 * (256 - 16 - 1) - 2
+    assert int(mask.sum()) == 42 * (256 - 16 - 1) - 1
     assert (data.train.fine[:, 0][~mask] == 0.0).all()
-    assert data.train.coarse[2, 1, 1, 1] == 0.0
-    assert data.train.coarse_mass is not None and (data.train.coarse_mass[4, 0, 0, :] == 0.0).all()
+    assert data.train.coarse[2, 1, 0, 0] == 0.0
+    assert (data.train.coarse[4, 0, 0, :] == 0.0).all()
+    assert data.train.coarse_mass is not None
+    torch.testing.assert_close(
+        data.train.coarse_mass[4, 0, 0, :],
+        torch.full((4,), data.stats.predictor_mean[0], dtype=torch.float32),
+    )
     assert data.static[0, 7, 7] == 0.0
     assert all(torch.isfinite(t).all() for t in tensors(data))
     assert all(np.isfinite(v) for v in dataclasses.astuple(data.stats) if isinstance(v, float))
+    filled = [r.getMessage() for r in caplog.records if "filled" in r.getMessage()]
+    assert len(filled) == 1, caplog.text
+    assert "filled 3 missing values (NaN) of 'pr_coarse'" in filled[0]
+    assert "training mean" in filled[0] and "the first on 2000-01-05" in filled[0]
+
+
+def test_missing_predictor_values_over_valid_cells_are_refused_by_default(tmp_path: Path) -> None:
+    ds = make_ds()
+    ds["x1"][2, 0, 0] = np.nan  # ocean only: not needed, and not counted
+    ds["x1"][5, 1, 1] = np.nan
+    ds["x1"][7, 2, 1:3] = np.nan
+    path = write(ds, tmp_path / "a.nc")
+    with pytest.raises(DataError) as info:
+        load_data(file_cfg(path, mask_var="mask"))
+    assert str(info.value) == (
+        f"{path}: variable 'x1' (data.predictor_vars) has 3 missing values (NaN) over cells where pr is "
+        "valid, the first on 2000-01-06; expected values there: fill the gaps in the file, or set "
+        "data.missing_predictors: fill to use the training mean"
+    )
 
 
 def test_negative_rain_is_read_as_zero_with_a_warning(
@@ -329,6 +362,33 @@ def _setup_duplicate_times(tmp_path: Path) -> DataConfig:
     return file_cfg(write(ds.assign_coords(time=times), tmp_path / "a.nc"))
 
 
+def _setup_infinite_target(tmp_path: Path) -> DataConfig:
+    ds = make_ds()
+    ds["pr"][9, 3, 3] = np.inf
+    ds["pr"][30, 0, 0] = np.inf
+    return file_cfg(write(ds, tmp_path / "a.nc"))
+
+
+def _setup_infinite_predictor(tmp_path: Path) -> DataConfig:
+    ds = make_ds()
+    ds["x1"][12, 0, 0] = -np.inf
+    return file_cfg(write(ds, tmp_path / "a.nc"), missing_predictors="fill")
+
+
+def _setup_split_past_the_data(tmp_path: Path) -> DataConfig:
+    split = SplitConfig(
+        train=["2000-01-01", "2000-12-31"],
+        val=["2000-01-25", "2000-01-31"],
+        test=["2000-02-01", "2000-02-07"],
+    )
+    return file_cfg(write(make_ds(n_days=38), tmp_path / "a.nc"), split=split)
+
+
+def _setup_split_before_the_data(tmp_path: Path) -> DataConfig:
+    split = dataclasses.replace(PERIODS, train=["1999-12-01", "2000-02-09"])
+    return file_cfg(write(make_ds(), tmp_path / "a.nc"), split=split)
+
+
 def _setup_missing_engine(tmp_path: Path) -> DataConfig:
     return file_cfg(write(make_ds(), tmp_path / "a.nc"), engine="grib_reader")
 
@@ -397,6 +457,29 @@ def _setup_not_a_store(tmp_path: Path) -> DataConfig:
         ),
         pytest.param(
             _setup_duplicate_times, ["time", "data.time_dim", "duplicate", "2000-01-20"], id="duplicate_times"
+        ),
+        pytest.param(
+            _setup_infinite_target,
+            ["a.nc: variable 'pr' (data.target_var) has 2 infinite values, the first on 2000-01-10"],
+            id="infinite_target",
+        ),
+        pytest.param(
+            _setup_infinite_predictor,
+            ["a.nc: variable 'x1' (data.predictor_vars) has 1 infinite value, the first on 2000-01-13"],
+            id="infinite_predictor",
+        ),
+        pytest.param(
+            _setup_split_past_the_data,
+            [
+                "a.nc: data.split.train: the period 2000-01-01 to 2000-12-31 runs past the data, which cover "
+                "2000-01-01 to 2000-02-07 (it would hold 38 of its 366 days)"
+            ],
+            id="split_past_the_data",
+        ),
+        pytest.param(
+            _setup_split_before_the_data,
+            ["data.split.train: the period 1999-12-01 to 2000-02-09 runs before the data", "2000-01-01 to"],
+            id="split_before_the_data",
         ),
         pytest.param(
             _setup_missing_engine, ["'grib_reader'", "data.engine", "not available"], id="missing_engine"

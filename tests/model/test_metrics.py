@@ -316,6 +316,39 @@ def test_masked_cells_never_affect_any_metric() -> None:
         assert poisoned_diag[name] == pytest.approx(values, rel=1e-9, abs=1e-12), name
 
 
+def test_a_fully_masked_day_enters_no_metric() -> None:
+    data = _full_case()
+    n, k, h, w = data.samples.shape
+    g = _gen(7)
+    # The same days plus one whose every cell is invalid (an outage, or all ocean), holding
+    # values that would count if it were averaged in.
+    with_masked_day = EvalData(
+        samples=torch.cat([data.samples, _rain((1, k, h, w), g)]),
+        obs=torch.cat([data.obs, _rain((1, h, w), g)]),
+        mask=torch.cat([data.mask, torch.zeros(1, h, w, dtype=torch.bool)]),
+        recon_post=torch.cat([data.recon_post, torch.zeros(1, h, w)]),
+        recon_prior=torch.cat([data.recon_prior, torch.zeros(1, h, w)]),
+        wet_threshold=data.wet_threshold,
+    )
+    names = [m for m in METRICS if m not in ("active_units", "kl_raw", "kl_raw_min_dim", "kl_raw_median_dim")]
+    expected = compute_metrics(data, names)
+    assert compute_metrics(with_masked_day, names) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert compute_diagnostics(with_masked_day)["spectrum_gen"] == pytest.approx(
+        compute_diagnostics(data)["spectrum_gen"], rel=1e-9
+    )
+
+
+def test_spectrum_log_error_of_an_all_dry_split_is_defined() -> None:
+    n, k, h, w = 4, 3, 8, 8
+    dry = torch.zeros(n, h, w)
+    mask = _all_valid(n, h, w)
+    rain = _rain((n, k, h, w), _gen())
+    # Rain against a split with no rain at all: infinitely wrong, not ~300 "decades".
+    assert _metric(EvalData(samples=rain, obs=dry, mask=mask), "spectrum_log_error") == math.inf
+    # Dry samples of a dry split: no structure at any scale in either, so no error.
+    assert _metric(EvalData(samples=torch.zeros(n, k, h, w), obs=dry, mask=mask), "spectrum_log_error") == 0.0
+
+
 def _latent_case(mu: torch.Tensor, logvar: torch.Tensor, **kwargs: torch.Tensor) -> EvalData:
     n = mu.shape[0]
     return EvalData(

@@ -15,7 +15,7 @@ from model.config import Config, config_from_dict, load_config
 from model.data import load_data
 from model.evaluate import evaluate
 from model.metrics import METRICS
-from model.trainer import EpochReport, TrainingDiverged, TrainResult, build_model, train
+from model.trainer import DeviceUnavailable, EpochReport, TrainingDiverged, TrainResult, build_model, train
 from tests.conftest import tiny_config_dict
 
 LOSS_TERMS = {"total", "recon", "kl", "kl_raw", "grad", "mass"}
@@ -148,7 +148,9 @@ def test_kl_warmup_ramps_beta_linearly(cache: Path) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_cuda_without_a_gpu_is_a_clear_error(cache: Path) -> None:
-    with pytest.raises(RuntimeError, match=r"train.device: 'cuda' was asked for but no CUDA device"):
+    with pytest.raises(
+        DeviceUnavailable, match=r"train.device: expected auto or cpu .*got 'cuda'.*no CUDA device"
+    ):
         train(tiny_config(**{"train.device": "cuda"}))
 
 

@@ -114,14 +114,16 @@ def add_trial(
     constraints: dict[str, float] | None = None,
     metrics: dict[str, float] | None = None,
     stopped: str | None = None,
+    user_attrs: dict[str, Any] | None = None,
 ) -> FrozenTrial:
-    """A complete search trial with ``values`` (diversity, ks_stat)."""
+    """A complete search trial with ``values`` (diversity, ks_stat); ``user_attrs`` adds to
+    what a worker records."""
     study.add_trial(
         optuna.create_trial(
             values=values,
             params=params or {"loss.beta_kl": 0.1, "model.latent_dim": 8},
             distributions=distributions(definition),
-            user_attrs=_attrs(values, metrics, stopped),
+            user_attrs={**_attrs(values, metrics, stopped), **(user_attrs or {})},
             constraints=FEASIBLE if constraints is None else constraints,
         )
     )
