@@ -418,7 +418,7 @@ def measure_ours(url: str, trials: int, sampler: str = "tpe", study: str = "ours
         (optuna.trial.Trial, "set_constraint", "constraints"),
         (optuna.trial.Trial, "set_user_attr", "attrs"),
         (search.objective, "upload_artifact", "artifacts"),
-        (search.objective, "set_trial_attrs", "records"),
+        (search.worker, "record_trial_attrs", "records"),
         (search.worker, "_tell_with_warning", "tell"),
         (search.objective, "load_data", "data"),
     ):

@@ -121,7 +121,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     # A worker only reads a study: a mistyped SQLite path must not become an empty database.
     check_storage_url(resolve_storage_url(args.storage), must_exist=True)
     local = load_definition(args.study_file) if args.study_file else None
-    if args.child:
+
+    def work_here() -> int:
         summary = run_worker(
             args.study,
             storage_url=args.storage,
@@ -131,6 +132,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             local=local,
         )
         return 0 if summary.stopped_by != "max_failures" else 1
+
+    if args.child:
+        return work_here()
     # Opened once, and only to check --study-file or to read the peaks --per-gpu auto packs by.
     study = functools.cache(
         lambda: load_study(args.study, open_storage(args.storage, create=False), local=local)[0]
@@ -138,16 +142,20 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     plans = plan_processes(args.gpus, per_gpu, args.processes, peaks=lambda: measured_peaks(study()))
     if local is not None:  # refuse before starting any process
         study()
+    devices = {p.env.get("CUDA_VISIBLE_DEVICES") or "cpu" for p in plans}
+    if len(plans) == 1 and devices == {"cpu"}:  # one CPU worker: this process is it
+        os.environ.update(plans[0].env)
+        return work_here()
     child_args = [args.study, "--artifact-dir", _artifact_dir(args.artifact_dir)]
-    if args.storage:
-        child_args += ["--storage", args.storage]
     if args.n_trials is not None:
         child_args += ["--n-trials", str(args.n_trials)]
     if args.study_file:
         child_args += ["--study-file", args.study_file]
-    devices = {p.env.get("CUDA_VISIBLE_DEVICES") or "cpu" for p in plans}
+    # The URL may hold a password: the processes get it in their environment, not in their
+    # command lines, which any user can read with ps.
+    env = {"OPTUNA_STORAGE": resolve_storage_url(args.storage)}
     print(f"starting {len(plans)} worker process(es) on {', '.join(sorted(devices))}", file=sys.stderr)
-    return run_workers(plans, child_args, index_offset=args.worker_index)
+    return run_workers(plans, child_args, index_offset=args.worker_index, env=env)
 
 
 def _open(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:

@@ -15,7 +15,7 @@ import platform
 import socket
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ __all__ = [
     "CollapseWatcher",
     "TrialFailed",
     "TrialObjective",
+    "TrialOutcome",
     "constraint_values",
     "suggest",
     "suggest_space",
@@ -137,8 +138,43 @@ def _shortfall(value: float, floor: float) -> float:
     return max(0.0, 1.0 - value / floor)
 
 
+@dataclass
+class TrialOutcome:
+    """What a trained trial is to record (its attributes) and tell (its values)."""
+
+    values: list[float]
+    user_attrs: dict[str, Any]
+    system_attrs: dict[str, Any]
+    constraints: dict[str, float]
+    """Optuna constraint values by name: feasible when every one is <= 0."""
+    stopped: str | None
+    epochs_run: int
+    epochs: int
+
+    @property
+    def violated(self) -> list[str]:
+        """The constraints the trial breaks."""
+        return [name for name, v in self.constraints.items() if not v <= 0]
+
+    def checked_values(self, objectives: list[str]) -> list[float]:
+        """The values, or :class:`TrialFailed` naming the ``objectives`` that are not finite."""
+        bad = [name for name, v in zip(objectives, self.values, strict=True) if not math.isfinite(v)]
+        if bad:
+            raise TrialFailed(f"objective metric(s) not finite: {', '.join(bad)}", retry=False)
+        return self.values
+
+
 class TrialObjective:
-    """Runs one trial end to end; a worker keeps one for all its trials (data stay cached)."""
+    """Runs one trial end to end; a worker keeps one for all its trials (data stay cached).
+
+    Args:
+        definition: The study's definition.
+        artifact_dir: Folder of the file-system artifact store.
+        interruptible: Called with ``True`` when training starts and ``False`` when it ends.
+        extra_callbacks: Epoch callbacks besides the collapse watcher.
+        on_start: Called with the trial, its parameters and its baseline name (or ``None``)
+            once they are known, before training.
+    """
 
     def __init__(
         self,
@@ -147,22 +183,32 @@ class TrialObjective:
         artifact_dir: str | Path,
         interruptible: Callable[[bool], None] = lambda _: None,
         extra_callbacks: tuple[Callable[[EpochReport], str | None], ...] = (),
+        on_start: Callable[[optuna.Trial, dict[str, Any], str | None], None] = lambda *_: None,
     ) -> None:
         self.definition = definition
         self.artifact_store = FileSystemArtifactStore(str(artifact_dir))
         Path(artifact_dir).mkdir(parents=True, exist_ok=True)
         self._interruptible = interruptible
         self._extra_callbacks = extra_callbacks
+        self._on_start = on_start
         self._data_key: str | None = None
         self._data: Dataset | None = None
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
+        """Train, record the trial's attributes, and return its objective values."""
+        outcome = self.run(trial)
+        set_trial_attrs(trial, outcome.user_attrs, outcome.system_attrs)
+        return outcome.checked_values(self.definition.metric_names)
+
+    def run(self, trial: optuna.Trial) -> TrialOutcome:
+        """Suggest, train and evaluate; what to record and tell, not yet written."""
         params = suggest_space(trial, self.definition.space)
         baseline = trial.user_attrs.get(BASELINE_ATTR)
         try:
             cfg = self.definition.config_for(params, baseline)
         except ConfigError as e:
             raise TrialFailed(f"invalid config: {e}", retry=False) from e
+        self._on_start(trial, params, baseline)
         callbacks = list(self._extra_callbacks)
         if self.definition.collapse is not None:
             callbacks.append(CollapseWatcher(self.definition.collapse))
@@ -177,14 +223,15 @@ class TrialObjective:
             constraints = constraint_values(self.definition, result.metrics, result.stopped)
             system_attrs = {f"{_CONSTRAINTS_KEY}:{key}": value for key, value in constraints.items()}
             system_attrs.update(self._upload(trial, Path(tmp)))
-            set_trial_attrs(trial, self.attrs(trial, result), system_attrs)
-        values = [result.metrics.get(o.metric, math.nan) for o in self.definition.objectives]
-        bad = [
-            o.metric for o, v in zip(self.definition.objectives, values, strict=True) if not math.isfinite(v)
-        ]
-        if bad:
-            raise TrialFailed(f"objective metric(s) not finite: {', '.join(bad)}", retry=False)
-        return values
+        return TrialOutcome(
+            values=[result.metrics.get(o.metric, math.nan) for o in self.definition.objectives],
+            user_attrs=self.attrs(trial, result),
+            system_attrs=system_attrs,
+            constraints=constraints,
+            stopped=result.stopped,
+            epochs_run=result.epochs_run,
+            epochs=cfg.train.epochs,
+        )
 
     def _dataset(self, cfg: Config) -> Dataset:
         key = json.dumps(

@@ -4,6 +4,11 @@ Workers behind the proxy cannot record Optuna heartbeats themselves, nor run the
 that fails stale trials (both need the RDB storage), so the proxy does both for them: the
 storage it serves relays their heartbeat attribute into Optuna's heartbeat table, and a
 reaper thread fails and re-enqueues stale trials of every study.
+
+A restarted proxy gives every running trial a whole grace period from its start before it
+judges it stale: while it was down, the heartbeats of the workers behind it had nowhere to go.
+An ask refused because the study's budget is taken is answered ``RESOURCE_EXHAUSTED``, which
+the worker waits on, rather than logged as a failure of the proxy.
 """
 
 from __future__ import annotations
@@ -11,15 +16,19 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import grpc
 import optuna
-from optuna.storages import run_grpc_proxy_server
+from optuna.storages._grpc.auto_generated import api_pb2_grpc
+from optuna.storages._grpc.servicer import OptunaStorageProxyService
 
 from search.storage import (
+    BudgetExhausted,
     SearchStorage,
     StorageSettings,
+    describe_failure,
     open_storage,
     reap_stale_trials,
     redact,
@@ -29,6 +38,17 @@ from search.storage import (
 __all__ = ["serve_proxy"]
 
 _log = logging.getLogger(__name__)
+
+
+class _ProxyService(OptunaStorageProxyService):
+    """Optuna's proxy service (``run_grpc_proxy_server`` serves it too), with the budget's
+    refusal as a status of its own: otherwise gRPC logs it with a traceback on every ask."""
+
+    def CreateNewTrial(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return super().CreateNewTrial(request, context)
+        except BudgetExhausted as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
 
 
 def _reap_forever(storage: SearchStorage, interval: float, stop: threading.Event) -> None:
@@ -41,7 +61,7 @@ def _reap_forever(storage: SearchStorage, interval: float, stop: threading.Event
                     studies[name] = optuna.load_study(study_name=name, storage=storage)
                 reap_stale_trials(studies[name])
         except Exception as e:  # a database restart: try again next round
-            _log.warning("stale-trial reaper: %s", e)
+            _log.warning("stale-trial reaper: %s", describe_failure(e))
 
 
 def serve_proxy(storage_url: str | None, host: str = "127.0.0.1", port: int = 13000) -> None:
@@ -55,17 +75,18 @@ def serve_proxy(storage_url: str | None, host: str = "127.0.0.1", port: int = 13
     storage = open_storage(url, settings)
     if not isinstance(storage, SearchStorage):
         raise ValueError(f"proxy --storage: expected a database URL, got {redact(url)}")
+    server = grpc.server(ThreadPoolExecutor(max_workers=settings.pool_size))
+    api_pb2_grpc.add_StorageServiceServicer_to_server(_ProxyService(storage), server)
+    server.add_insecure_port(f"{host}:{port}")
+    server.start()
+    storage.grace_from_now()  # the workers' heartbeats can arrive from now on
     stop = threading.Event()
     reaper = threading.Thread(
         target=_reap_forever, args=(storage, settings.heartbeat_interval, stop), name="reaper", daemon=True
     )
     reaper.start()
     _log.info("gRPC storage proxy for %s on %s:%d", redact(url), host, port)
-    # The proxy server is marked experimental in Optuna; it is the documented way to serve many workers.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
-        run_grpc_proxy_server(
-            storage, host=host, port=port, thread_pool=ThreadPoolExecutor(max_workers=settings.pool_size)
-        )
+        server.wait_for_termination()
     finally:
         stop.set()

@@ -1,9 +1,8 @@
 """Where a study stands: trial counts against its budget, the feasible front, and live workers.
 
-Before counting, trials whose workers stopped beating are failed (and re-enqueued, within the
-study's retry limit) by Optuna's own :func:`~optuna.storages.fail_stale_trials` (through
-:func:`search.storage.reap_stale_trials`, under the study lock), so a dead
-worker's trial shows as failed rather than running forever.
+Before counting, trials whose workers stopped beating are failed with their ``fail_reason``
+(and re-enqueued, within the study's retry limit) by :func:`search.storage.reap_stale_trials`,
+under the study lock, so a dead worker's trial shows as failed rather than running forever.
 """
 
 from __future__ import annotations

@@ -10,13 +10,20 @@ storage for many workers; ``grpc://host:port`` reaches one through Optuna's stor
   ``pool_pre_ping`` does on every use: a round trip per storage call), so one dropped during
   a long epoch does not kill a worker, and each process keeps a small bounded pool;
 - a call that finds the database unreachable (a restart, a failover) is retried for up to
-  ``CVAE_SEARCH_RECONNECT`` seconds before the error is raised;
+  ``CVAE_SEARCH_RECONNECT`` seconds, then fails with one :class:`StorageUnreachable` line; an
+  outage is logged once when it begins and once when it ends, and a worker behind the gRPC
+  proxy retries the proxy's ``UNAVAILABLE`` the same way (:class:`ProxyStorage`);
 - Optuna's heartbeat with a grace period marks the trials of dead workers stale, and
   :class:`~optuna.storages.RetryHeartbeatStaleTrialCallback` re-enqueues them with the same
   parameters, up to the study's ``max_retries``; a trial beats from the moment it runs, so a
   worker that dies before its heartbeat thread starts is found too, and a running trial that
   never beat at all (a creation whose reply was lost and which was made again on reconnect)
   is stale once this process has seen it silent for longer than the grace period;
+- a trial is stale only once this process could have seen its heartbeats for a whole grace
+  period: after an outage of its own (and, for the proxy, after it starts) a process gives
+  every running trial the grace period again, so the workers it could not hear meanwhile are
+  not failed while their first beats are on their way;
+- a stale trial is failed with a ``fail_reason`` and logged by the process that fails it;
 - a heartbeat sent as a trial system attribute (what a worker behind the gRPC proxy can
   send) is recorded as an Optuna heartbeat rather than stored;
 - a trial's records (constraints, user attributes, artifact entries) can be written in one
@@ -34,7 +41,6 @@ import contextlib
 import copy
 import datetime
 import fcntl
-import functools
 import json
 import logging
 import os
@@ -42,7 +48,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,26 +58,34 @@ import sqlalchemy.dialects.postgresql
 import sqlalchemy.dialects.sqlite
 import sqlalchemy.orm
 from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX
-from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, GrpcStorageProxy, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
 from optuna.trial import FrozenTrial, TrialState
 
+from search.outages import Outages, Reconnecting, StorageUnreachable, retry_calls
+
 __all__ = [
     "BUDGET_ATTR",
     "BudgetExhausted",
     "DEFAULT_STORAGE",
+    "FAIL_REASON_ATTR",
     "HEARTBEAT_ATTR",
     "MAX_RETRIES_ATTR",
+    "ProxyStorage",
     "SearchStorage",
     "StorageSettings",
+    "StorageUnreachable",
     "StudyRetry",
+    "describe_failure",
     "check_storage_url",
     "is_budget_exhausted",
+    "known_experimental",
     "open_storage",
     "reap_stale_trials",
+    "record_trial_attrs",
     "redact",
     "resolve_storage_url",
     "search_storage",
@@ -84,6 +98,7 @@ DEFAULT_STORAGE = "sqlite:///cvae-search.db"
 BUDGET_ATTR = "cvae_search:n_trials"
 MAX_RETRIES_ATTR = "cvae_search:max_retries"
 HEARTBEAT_ATTR = "cvae_search:heartbeat"
+FAIL_REASON_ATTR = "fail_reason"
 _UPSERT_DIALECTS = {
     "postgresql": sqlalchemy.dialects.postgresql.insert,
     "sqlite": sqlalchemy.dialects.sqlite.insert,
@@ -156,21 +171,37 @@ class StudyRetry:
     over (Optuna ignores a constraint that is set twice). A retry that finds the budget
     taken (a new trial got the freed place first) is dropped with a warning rather than
     raised into the caller, which may be another worker's reaper.
+
+    Returns:
+        The number of the waiting trial that retries ``trial``, or ``None`` when none was made.
     """
 
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> int | None:
         limit = study._storage.get_study_system_attrs(study._study_id).get(MAX_RETRIES_ATTR)
         clean = copy.deepcopy(trial)
         clean.system_attrs = {
             k: v for k, v in trial.system_attrs.items() if not k.startswith(_ATTEMPT_ATTR_PREFIXES)
         }
         try:
-            with _known_experimental():
+            with known_experimental():
                 RetryHeartbeatStaleTrialCallback(max_retry=limit)(study, clean)
         except Exception as e:
             if not is_budget_exhausted(e):
                 raise
             _log.warning("trial %d not retried: its place in the budget was taken", trial.number)
+            return None
+        retry = waiting_retry(study, trial.number)
+        if retry is None:
+            _log.warning("trial %d not retried: it has had its max_retries (%s)", trial.number, limit)
+        return None if retry is None else retry.number
+
+
+def waiting_retry(study: optuna.Study, number: int) -> FrozenTrial | None:
+    """The waiting trial that retries trial ``number`` (made by :class:`StudyRetry`), if any."""
+    for t in study._storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        if (t.system_attrs.get("retry_history") or [None])[-1] == number:
+            return t
+    return None
 
 
 def is_budget_exhausted(e: BaseException) -> bool:
@@ -178,19 +209,39 @@ def is_budget_exhausted(e: BaseException) -> bool:
     return isinstance(e, BudgetExhausted) or "BudgetExhausted" in str(e)
 
 
-def _is_disconnect(e: BaseException) -> bool:
-    """Whether ``e`` (or what it wraps) says the database could not be reached or dropped us."""
+def _disconnect_cause(e: BaseException) -> str | None:
+    """Why the database could not be reached or dropped us, if ``e`` (or what it wraps) says so."""
     seen: BaseException | None = e
     while seen is not None:
-        if isinstance(seen, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
-            return True
-        if isinstance(seen, sqlalchemy.exc.DBAPIError) and seen.connection_invalidated:
-            return True
+        if isinstance(seen, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) or (
+            isinstance(seen, sqlalchemy.exc.DBAPIError) and seen.connection_invalidated
+        ):
+            return _first_line(seen.orig if isinstance(seen, sqlalchemy.exc.DBAPIError) else seen)
         seen = seen.__cause__
-    return False
+    return None
 
 
-class SearchStorage(RDBStorage):
+def _unavailable_cause(e: BaseException) -> str | None:
+    """Why the gRPC proxy could not be reached, if ``e`` (or what it wraps) is ``UNAVAILABLE``."""
+    import grpc
+
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, grpc.RpcError) and seen.code() == grpc.StatusCode.UNAVAILABLE:
+            details = (seen.details() or "").strip().splitlines()
+            return f"UNAVAILABLE: {details[0]}" if details else "UNAVAILABLE"
+        seen = seen.__cause__
+    return None
+
+
+def describe_failure(e: BaseException) -> str:
+    """One line for a failed storage call: the outage it met, or its real cause (Optuna wraps
+    every database error in a message about invalid data in the commit)."""
+    cause = _disconnect_cause(e) or _unavailable_cause(e)
+    return f"storage unreachable ({cause})" if cause else _first_line(e)
+
+
+class SearchStorage(Reconnecting, RDBStorage):
     """RDB storage with idle pings, reconnection, heartbeat relay and an exact trial budget
     (module docstring)."""
 
@@ -198,6 +249,7 @@ class SearchStorage(RDBStorage):
         url = resolve_storage_url(url)
         self.settings = settings or StorageSettings()
         self._local = threading.local()
+        self._outages = Outages(redact(url))
         self._silent_since: dict[int, float] = {}
         self._budgets: dict[int, int] = {}
         self._silent_lock = threading.Lock()
@@ -211,7 +263,7 @@ class SearchStorage(RDBStorage):
             )
         elif url.startswith("sqlite"):
             engine_kwargs["connect_args"] = {"timeout": 60}
-        with _known_experimental():
+        with known_experimental():
             super().__init__(
                 url,
                 engine_kwargs=engine_kwargs,
@@ -223,38 +275,28 @@ class SearchStorage(RDBStorage):
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
-        del state["_local"], state["_silent_lock"]
+        del state["_local"], state["_silent_lock"], state["_outages"]
         return state
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
         super().__setstate__(state)  # a new engine
         self._local = threading.local()
         self._silent_lock = threading.Lock()
+        self._outages = Outages(redact(self.url))
         _ping_when_idle(self.engine, IDLE_PING_S)
 
-    def _reconnecting(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run one storage call, retrying it while the database is unreachable.
+    def _reconnect_budget_s(self) -> float:
+        return self.settings.reconnect_timeout
 
-        Only the outermost call retries (a nested one re-raises to it), so a call that
-        failed half-way is redone whole and retries do not multiply.
-        """
-        if getattr(self._local, "in_call", False):
-            return method(self, *args, **kwargs)
-        self._local.in_call = True
-        deadline = time.monotonic() + self.settings.reconnect_timeout
-        delay = 0.25
-        try:
-            while True:
-                try:
-                    return method(self, *args, **kwargs)
-                except Exception as e:
-                    if not _is_disconnect(e) or time.monotonic() + delay > deadline:
-                        raise
-                    _log.warning("storage unreachable (%s); retrying %s", _first_line(e), method.__name__)
-                    time.sleep(delay)
-                    delay = min(2 * delay, 2.0)
-        finally:
-            self._local.in_call = False
+    @staticmethod
+    def _outage_cause(e: BaseException) -> str | None:
+        return _disconnect_cause(e)
+
+    def grace_from_now(self) -> None:
+        """Judge no trial stale before it has had a whole grace period from now to beat (the
+        proxy, when it starts: the heartbeats of the workers behind it could not arrive while
+        it was down)."""
+        self._outages.watch_from_now()
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         if key == HEARTBEAT_ATTR:
@@ -352,8 +394,13 @@ class SearchStorage(RDBStorage):
         return self._budgets[study_id]
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        """Optuna's stale trials (last heartbeat older than the grace period), and the running
-        trials that never beat and have stayed silent, as this process saw them, that long.
+        return list(self._stale_trials(study_id))
+
+    def _stale_trials(self, study_id: int) -> dict[int, str]:
+        """The running trials that are stale, each with why: Optuna's (last heartbeat older than
+        the grace period), and those that never beat and have stayed silent, as this process
+        saw them, that long; none while this process has watched for less than the grace
+        period (since an outage of its own, or since :meth:`grace_from_now`).
 
         Every trial this storage starts beats at once, so a silent one has no worker: its
         creation committed but the reply was lost, and the worker made it again on reconnect.
@@ -374,8 +421,7 @@ class SearchStorage(RDBStorage):
             )
         assert now_db is not None and self.grace_period is not None
         now_db = now_db.replace(tzinfo=None)  # as Optuna does: PostgreSQL returns an aware time
-        grace = datetime.timedelta(seconds=self.grace_period)
-        stale = [trial_id for trial_id, beat in rows if beat is not None and now_db - beat > grace]
+        grace = self.grace_period
         silent = {trial_id for trial_id, beat in rows if beat is None}
         now = time.monotonic()
         with self._silent_lock:
@@ -384,16 +430,40 @@ class SearchStorage(RDBStorage):
                 del seen[trial_id]
             for trial_id in silent:
                 seen.setdefault(trial_id, now)
-            stale += sorted(t for t in silent if now - seen[t] > self.grace_period)
+        if self._outages.watched_s() <= grace:
+            return {}
+        stale = {}
+        for trial_id, beat in rows:
+            if beat is not None and (age := (now_db - beat).total_seconds()) > grace:
+                stale[trial_id] = f"stale: no heartbeat for {age:.0f} s (grace period {grace} s)"
+        for trial_id in sorted(silent):
+            if (quiet := now - seen[trial_id]) > grace:
+                stale[trial_id] = (
+                    f"stale: running without a heartbeat for {quiet:.0f} s (grace period {grace} s)"
+                )
         return stale
+
+    def fail_stale_trial(self, trial_id: int, reason: str) -> bool:
+        """Fail running trial ``trial_id`` with ``reason`` as its ``fail_reason``, in one
+        transaction; ``False`` if it is no longer running (its worker finished it meanwhile)."""
+        with _create_scoped_session(self.scoped_session) as session:
+            trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+            if trial.state != TrialState.RUNNING:
+                return False
+            trial.state = TrialState.FAIL
+            trial.datetime_complete = datetime.datetime.now()
+            self._upsert_attrs(session, models.TrialUserAttributeModel, trial_id, {FAIL_REASON_ATTR: reason})
+        return True
 
     def _first_heartbeat(self, trial_id: int) -> None:
         # Optuna never finds a running trial stale until it has a heartbeat: without this one,
         # a worker dying before its heartbeat thread starts would hold a place forever.
         try:
             self.record_heartbeat(trial_id)
+        except StorageUnreachable:
+            raise
         except Exception as e:  # the worker's own heartbeat records it a moment later
-            _log.warning("first heartbeat of trial %d not recorded: %s", trial_id, _first_line(e))
+            _log.warning("first heartbeat of trial id %d not recorded: %s", trial_id, describe_failure(e))
 
     @contextlib.contextmanager
     def study_lock(self, study_id: int) -> Iterator[None]:
@@ -480,53 +550,62 @@ def _ping_when_idle(engine: sqlalchemy.Engine, idle_s: float) -> None:
             raise sqlalchemy.exc.DisconnectionError(_first_line(e)) from e
 
 
-def _with_reconnect(name: str) -> Callable[..., Any]:
-    method = getattr(SearchStorage, name)
-
-    @functools.wraps(method)
-    def call(self: SearchStorage, *args: Any, **kwargs: Any) -> Any:
-        return self._reconnecting(method, *args, **kwargs)
-
-    return call
-
-
+_PUBLIC_CALLS = tuple(n for n in dir(BaseStorage) if not n.startswith("_"))
 # Every call that reaches the database, including the private ones Optuna's cached storage uses.
-for _name in (
-    *(n for n in dir(BaseStorage) if not n.startswith("_")),
-    "record_heartbeat",
-    "set_trial_attrs",
-    "count_trials",
-    "_get_stale_trial_ids",
-    "_create_new_trial",
-    "_set_trial_param",
-    "_get_trials",
-    "_get_best_trial_id",
-):
-    if callable(getattr(SearchStorage, _name)):
-        setattr(SearchStorage, _name, _with_reconnect(_name))
-del _name
+retry_calls(
+    SearchStorage,
+    (
+        *_PUBLIC_CALLS,
+        "record_heartbeat",
+        "set_trial_attrs",
+        "count_trials",
+        "fail_stale_trial",
+        "_stale_trials",
+        "_create_new_trial",
+        "_set_trial_param",
+        "_get_trials",
+        "_get_best_trial_id",
+    ),
+)
 
 
-def reap_stale_trials(study: optuna.Study) -> None:
+def reap_stale_trials(study: optuna.Study) -> list[int]:
     """Fail the study's trials whose workers stopped beating and re-enqueue them.
 
-    Optuna's :func:`~optuna.storages.fail_stale_trials`, run under the study lock when the
-    storage has one, so a failed trial's retry cannot lose its place to a new trial.
+    On a :class:`SearchStorage` each is failed with its ``fail_reason`` and logged, under the
+    study lock, so a failed trial's retry cannot lose its place to a new trial; elsewhere this
+    is Optuna's :func:`~optuna.storages.fail_stale_trials`.
+
+    Returns:
+        The numbers of the trials this call failed (on a :class:`SearchStorage`).
     """
     storage = search_storage(study._storage)
     if storage is None:
         if isinstance(study._storage, BaseHeartbeat):
-            with _known_experimental():
+            with known_experimental():
                 optuna.storages.fail_stale_trials(study)
-        return
-    if not storage._get_stale_trial_ids(study._study_id):
-        return
-    with storage.study_lock(study._study_id), _known_experimental():
-        optuna.storages.fail_stale_trials(study)
+        return []
+    if not storage._stale_trials(study._study_id):
+        return []
+    failed = []
+    with storage.study_lock(study._study_id):
+        for trial_id, reason in storage._stale_trials(study._study_id).items():
+            if not storage.fail_stale_trial(trial_id, reason):
+                continue
+            trial = storage.get_trial(trial_id)
+            retry = StudyRetry()(study, trial)
+            failed.append(trial.number)
+            _log.warning(
+                "trial %d failed as %s; %s",
+                trial.number,
+                reason,
+                "not re-enqueued" if retry is None else f"re-enqueued as trial {retry}",
+            )
+    return failed
 
 
 @contextlib.contextmanager
-def _known_experimental() -> Iterator[None]:
+def known_experimental() -> Iterator[None]:
     """Optuna's heartbeat and retry are marked experimental; they are what the service is built
     on, so the warning would only repeat on every worker start and every reap."""
     with warnings.catch_warnings():
@@ -537,16 +616,80 @@ def _known_experimental() -> Iterator[None]:
 def set_trial_attrs(
     trial: optuna.Trial, user_attrs: Mapping[str, Any], system_attrs: Mapping[str, Any]
 ) -> None:
-    """Set a running trial's attributes: in one transaction on a :class:`SearchStorage`, one
-    call each elsewhere (behind the gRPC proxy)."""
-    storage = search_storage(trial.storage)
-    if storage is not None:
-        storage.set_trial_attrs(trial._trial_id, user_attrs, system_attrs)
+    """Set a running trial's attributes (see :func:`record_trial_attrs`)."""
+    record_trial_attrs(trial.storage, trial._trial_id, user_attrs, system_attrs)
+
+
+def record_trial_attrs(
+    storage: BaseStorage, trial_id: int, user_attrs: Mapping[str, Any], system_attrs: Mapping[str, Any]
+) -> None:
+    """Set running trial ``trial_id``'s attributes: in one transaction on a
+    :class:`SearchStorage`, one call each elsewhere (behind the gRPC proxy)."""
+    search = search_storage(storage)
+    if search is not None:
+        search.set_trial_attrs(trial_id, user_attrs, system_attrs)
         return
     for key, value in user_attrs.items():
-        trial.storage.set_trial_user_attr(trial._trial_id, key, value)
+        storage.set_trial_user_attr(trial_id, key, value)
     for key, value in system_attrs.items():
-        trial.storage.set_trial_system_attr(trial._trial_id, key, value)
+        storage.set_trial_system_attr(trial_id, key, value)
+
+
+RECONNECT_BACKOFF_MAX_MS = 1000
+"""How long a gRPC channel waits at most between attempts to reach the proxy again: gRPC's
+default grows to two minutes, which would keep a worker cut off long after a restarted proxy
+is back, and its trials' heartbeats with it."""
+
+
+class ProxyStorage(Reconnecting, GrpcStorageProxy):
+    """Optuna's gRPC storage proxy client, whose calls ride out a proxy outage: a call that
+    finds the proxy ``UNAVAILABLE`` (down, restarting, out of reach) is retried as
+    :class:`SearchStorage` retries a database disconnect."""
+
+    def __init__(self, host: str, port: int, settings: StorageSettings) -> None:
+        self.settings = settings
+        self._local = threading.local()
+        self._outages = Outages(f"grpc://{host}:{port}")
+        with known_experimental():
+            super().__init__(host=host, port=port)
+
+    def _setup(self) -> None:
+        # Optuna's own channel and stub, with a short reconnect backoff (above).
+        import grpc
+        from optuna.storages._grpc.auto_generated import api_pb2_grpc
+        from optuna.storages._grpc.client import GrpcClientCache
+
+        self._channel = grpc.insecure_channel(
+            f"{self._host}:{self._port}",
+            options=[
+                ("grpc.max_receive_message_length", -1),
+                ("grpc.initial_reconnect_backoff_ms", 250),
+                ("grpc.min_reconnect_backoff_ms", 250),
+                ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
+            ],
+        )
+        self._stub = api_pb2_grpc.StorageServiceStub(self._channel)
+        self._cache = GrpcClientCache(self._stub)
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        del state["_local"], state["_outages"]
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        self._local = threading.local()
+        self._outages = Outages(f"grpc://{state['_host']}:{state['_port']}")
+        super().__setstate__(state)
+
+    def _reconnect_budget_s(self) -> float:
+        return self.settings.reconnect_timeout
+
+    @staticmethod
+    def _outage_cause(e: BaseException) -> str | None:
+        return _unavailable_cause(e)
+
+
+retry_calls(ProxyStorage, _PUBLIC_CALLS)
 
 
 def search_storage(storage: BaseStorage) -> SearchStorage | None:
@@ -610,14 +753,12 @@ def open_storage(
     url = resolve_storage_url(url)
     check_storage_url(url, must_exist=not create)
     if url.startswith("grpc://"):
-        from optuna.storages import GrpcStorageProxy
-
         host, _, port = url.removeprefix("grpc://").rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"storage: expected grpc://HOST:PORT, got {url!r}")
-        with _known_experimental():
-            proxy = GrpcStorageProxy(host=host, port=int(port))
-        proxy.wait_server_ready(timeout=(settings or StorageSettings()).connect_timeout)
+        settings = settings or StorageSettings()
+        proxy = ProxyStorage(host, int(port), settings)
+        proxy.wait_server_ready(timeout=settings.connect_timeout)
         return proxy
     if create and url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from optuna.storages import BaseStorage
 
 from model.data import DataError, check_data
 from search.definition import StudyDefinition
-from search.storage import BUDGET_ATTR, MAX_RETRIES_ATTR, search_storage
+from search.storage import BUDGET_ATTR, MAX_RETRIES_ATTR, known_experimental, search_storage
 
 __all__ = [
     "DEFINITION_ATTR",
@@ -130,7 +130,8 @@ def create_study(definition: StudyDefinition, storage: BaseStorage) -> optuna.St
         directions=definition.directions,
         load_if_exists=True,
     )
-    study.set_metric_names(definition.metric_names)
+    with known_experimental():  # the names the dashboard and reports show for the objectives
+        study.set_metric_names(definition.metric_names)
     sid = study._study_id
     # The definition goes in last but one: stored_definition() waits for it, and the budget
     # must be in place before anyone can see a complete study.

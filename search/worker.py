@@ -2,21 +2,33 @@
 
 A worker loop asks for a trial, trains it under a heartbeat, and tells the outcome. It
 uses ask/tell rather than ``study.optimize``, so it runs Optuna's liveness machinery itself:
-a heartbeat thread while a trial runs, and :func:`search.storage.reap_stale_trials`
-(Optuna's ``fail_stale_trials``, which fails dead workers' trials and re-enqueues them) before
-every ask. Its sampler seed is offset by a slot the study hands each worker, so workers
-started separately (container replicas, a worker started again) do not repeat each other.
+a heartbeat thread while a trial runs, and :func:`search.storage.reap_stale_trials` (which
+fails dead workers' trials with the reason and re-enqueues them) before every ask. Its sampler
+seed is offset by a slot the study hands each worker, so workers started separately (container
+replicas, a worker started again) do not repeat each other.
 
 ``run_workers`` starts one such process per GPU (``CUDA_VISIBLE_DEVICES`` set for each; K per
 GPU when asked, or under CUDA MPS as many as the study's measured peak memory allows) or N on
 the CPU, and forwards SIGTERM / Ctrl-C to them. A worker that is stopped that way fails its
 running trial with the reason and re-enqueues it, so no trial is left RUNNING; one killed
-outright is failed by the heartbeat of those that remain.
+outright is failed by the heartbeat of those that remain. Each process it starts ends with it:
+the kernel sends the process SIGTERM when its parent dies (Linux's parent-death signal), so a
+launcher killed outright (``kill -9``, an OOM kill) takes its trainers along, each failing and
+re-enqueueing its trial. A single worker on the CPU runs in the launching process itself.
+
+A worker whose trial was failed as stale while it was cut off from the storage, and which
+finished training anyway, records its result on the waiting retry of the same parameters
+(``result_from_trial``) rather than throw it away; only a retry already taken up elsewhere
+makes it drop the result.
+
+Its log names trials by number: a line when each starts (baseline or parameters) and ends
+(values, feasibility, epochs, duration), and where the study stands with an ETA.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import math
 import os
@@ -27,7 +39,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,18 +51,30 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.study._tell import _tell_with_warning
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from search.definition import StudyDefinition
-from search.objective import PEAK_GPU_MEMORY_ATTR, RUNTIME_ATTR, TrialFailed, TrialObjective
+from search.objective import (
+    PEAK_GPU_MEMORY_ATTR,
+    RUNTIME_ATTR,
+    TrialFailed,
+    TrialObjective,
+    TrialOutcome,
+)
+from search.progress import RESULT_FROM_ATTR, format_duration, progress_line, trial_ended, trial_started
 from search.storage import (
+    FAIL_REASON_ATTR,
     HEARTBEAT_ATTR,
     StorageSettings,
+    StorageUnreachable,
     StudyRetry,
+    describe_failure,
     is_budget_exhausted,
     open_storage,
     reap_stale_trials,
+    record_trial_attrs,
     search_storage,
+    waiting_retry,
 )
 from search.study import claim_worker_slot, load_study
 
@@ -70,6 +94,10 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+PARENT_PID_ENV = "CVAE_SEARCH_PARENT_PID"
+"""Set by ``run_workers`` in each process it starts: the process it must end with."""
+PR_SET_PDEATHSIG = 1
+SIGNAL_AGAIN_S = 1.0
 
 
 class WorkerInterrupted(BaseException):
@@ -88,10 +116,11 @@ class _Signals:
     """SIGTERM or SIGINT interrupts training at once; anywhere else (a storage write, say)
     it stops the loop after the current step, so no write is cut in half."""
 
-    def __init__(self) -> None:
+    def __init__(self, parent_pid: int | None = None) -> None:
         self.stop = threading.Event()
         self.name: str | None = None
         self.training = False
+        self.parent_pid = parent_pid
 
     def install(self) -> None:
         for s in (signal.SIGTERM, signal.SIGINT):
@@ -104,33 +133,68 @@ class _Signals:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.name = signal.Signals(signum).name
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            self.name += " (its parent process ended)"
         self.stop.set()
         if self.training:
-            self.training = False
+            # Raised into whatever the main thread runs now. Should that be a finalizer (a
+            # weakref callback, a __del__), Python ignores the exception and training goes on:
+            # then the signal comes again, until training has ended.
+            again = threading.Timer(SIGNAL_AGAIN_S, self._again, args=(signum,))
+            again.daemon = True
+            again.start()
             raise WorkerInterrupted(self.name)
+
+    def _again(self, signum: int) -> None:
+        if self.training:
+            os.kill(os.getpid(), signum)
 
 
 @contextmanager
-def _heartbeat(storage: BaseStorage, trial_id: int, interval: float) -> Iterator[None]:
-    """Beat for ``trial_id`` every ``interval`` seconds until the block ends."""
+def _heartbeat(storage: BaseStorage, trial: optuna.Trial, interval: float) -> Iterator[None]:
+    """Beat for ``trial`` every ``interval`` seconds until the block ends.
+
+    Each beat is tried once (the next one retries), so an outage neither holds the thread
+    past the trial nor fills the log: its first missed beat is logged, and the first that
+    gets through again.
+    """
     done = threading.Event()
+    trial_id = trial._trial_id
+    attempt = getattr(storage, "single_attempt", contextlib.nullcontext)
 
     def beat() -> None:
-        if isinstance(storage, BaseHeartbeat):
-            storage.record_heartbeat(trial_id)
-        else:  # behind the gRPC proxy, which relays this attribute as a heartbeat
-            storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+        with attempt():
+            if isinstance(storage, BaseHeartbeat):
+                storage.record_heartbeat(trial_id)
+            else:  # behind the gRPC proxy, which relays this attribute as a heartbeat
+                storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
 
     def loop() -> None:
+        missed_since: float | None = None
         while not done.wait(interval):
             try:
                 beat()
-            except Exception as e:  # the database may be restarting; the next beat retries
-                _log.warning("heartbeat for trial %d failed: %s", trial_id, e)
+            except Exception as e:
+                if missed_since is None:
+                    missed_since = time.monotonic()
+                    _log.warning(
+                        "heartbeat of trial %d not recorded: %s; trying again every %g s",
+                        trial.number,
+                        describe_failure(e),
+                        interval,
+                    )
+                continue
+            if missed_since is not None:
+                _log.info(
+                    "heartbeat of trial %d recorded again after %s",
+                    trial.number,
+                    format_duration(time.monotonic() - missed_since),
+                )
+                missed_since = None
 
     # No beat here: the storage beat when the trial became RUNNING (SearchStorage, also
     # behind the proxy), and the loop's first beat comes within the grace period.
-    thread = threading.Thread(target=loop, name=f"heartbeat-{trial_id}", daemon=True)
+    thread = threading.Thread(target=loop, name=f"heartbeat-{trial.number}", daemon=True)
     thread.start()
     try:
         yield
@@ -149,7 +213,7 @@ def _counts(study: optuna.Study) -> dict[TrialState, int]:
     return counts
 
 
-def _fail(study: optuna.Study, trial: optuna.Trial, reason: str, *, retry: bool) -> None:
+def _fail(study: optuna.Study, trial: optuna.Trial, reason: str, *, retry: bool, seconds: float) -> None:
     """Fail ``trial`` with ``reason``; with ``retry``, re-enqueue its parameters.
 
     The failure and the retry happen under the study lock where the storage has one, so the
@@ -159,19 +223,67 @@ def _fail(study: optuna.Study, trial: optuna.Trial, reason: str, *, retry: bool)
     lock = storage.study_lock(study._study_id) if storage is not None else contextlib.nullcontext()
     try:
         with lock:
-            trial.set_user_attr("fail_reason", reason)
+            trial.set_user_attr(FAIL_REASON_ATTR, reason)
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-            _log.warning("trial %d failed: %s", trial.number, reason)
-            if retry:
-                StudyRetry()(study, study._storage.get_trial(trial._trial_id))
+            again = StudyRetry()(study, study._storage.get_trial(trial._trial_id)) if retry else None
     except UpdateFinishedTrialError:
-        _finished_elsewhere(trial)
+        # Failed as stale meanwhile (and re-enqueued) by another process: its retry runs again.
+        _log.warning(
+            "trial %d failed (%s), but another process had failed it as stale already", trial.number, reason
+        )
+        return
+    retried = f"; re-enqueued as trial {again}" if again is not None else ""
+    _log.warning("trial %d failed after %s: %s%s", trial.number, format_duration(seconds), reason, retried)
 
 
-def _finished_elsewhere(trial: optuna.Trial) -> None:
-    # Another process failed it as stale (and re-enqueued it) while this one was cut off from
-    # the database longer than the grace period; its retry will run it again.
-    _log.warning("trial %d was already finished by another process; dropping this attempt", trial.number)
+def _settle_finished(
+    study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome | None, metric_names: list[str]
+) -> bool:
+    """Settle a trial this worker trained but found already finished when it came to record
+    it; whether its result now counts in the study.
+
+    Either this worker's own tell got through before a lost reply was retried (the trial is
+    complete), or another process failed it as stale while this one was cut off from the
+    storage for longer than the grace period, and re-enqueued its parameters. The result then
+    goes to that waiting retry, unless the retry has been taken up already.
+    """
+    frozen = study._storage.get_trial(trial._trial_id)
+    if frozen.state == TrialState.COMPLETE:
+        _log.info("trial %d complete (recorded before the storage connection dropped)", trial.number)
+        return True
+    why = f"trial {trial.number} was failed as stale by another process while this worker was cut off"
+    if outcome is None:
+        _log.warning("%s; dropping this attempt, which had not finished", why)
+        return False
+    try:
+        outcome.checked_values(metric_names)
+    except TrialFailed as e:
+        _log.warning("%s; dropping this attempt, which has no result to record (%s)", why, e.reason)
+        return False
+    retry = waiting_retry(study, trial.number)
+    if retry is None or not study._storage.set_trial_state_values(retry._trial_id, TrialState.RUNNING):
+        _log.warning("%s, and its retry has been taken up already; dropping this attempt's result", why)
+        return False
+    try:
+        _record_on(study, retry, frozen, outcome)
+    except UpdateFinishedTrialError:
+        _log.warning(
+            "%s, and its retry %d was failed meanwhile; dropping this attempt's result", why, retry.number
+        )
+        return False
+    _log.info("%s; its finished result is recorded on its retry, trial %d", why, retry.number)
+    return True
+
+
+def _record_on(study: optuna.Study, retry: FrozenTrial, trained: FrozenTrial, outcome: TrialOutcome) -> None:
+    """Give the claimed ``retry`` the parameters, records and values of the attempt ``trained``."""
+    storage = study._storage
+    for name, value in trained.params.items():
+        dist = trained.distributions[name]
+        storage.set_trial_param(retry._trial_id, name, dist.to_internal_repr(value), dist)
+    user_attrs = {**outcome.user_attrs, FAIL_REASON_ATTR: None, RESULT_FROM_ATTR: trained.number}
+    record_trial_attrs(storage, retry._trial_id, user_attrs, outcome.system_attrs)
+    _tell_with_warning(study=study, trial=retry.number, value_or_values=outcome.values)
 
 
 def run_worker(
@@ -196,19 +308,28 @@ def run_worker(
         local: A definition read from a local file; the worker refuses to run if it differs
             from the stored one.
         settings: Heartbeat and connection settings.
+
+    Raises:
+        StorageUnreachable: The storage stayed unreachable past ``CVAE_SEARCH_RECONNECT``;
+            the running trial is left to the other workers' heartbeat check.
     """
     settings = settings or StorageSettings()
-    signals = _Signals()
+    parent = os.environ.get(PARENT_PID_ENV)
+    signals = _Signals(int(parent) if parent else None)
     signals.install()  # first: a stop during start-up ends the worker cleanly too
+    if signals.parent_pid is not None:
+        _end_with_parent(signals.parent_pid)
     _apply_process_limits()
     _quiet_optuna_warnings()
-    storage = open_storage(storage_url, settings)
+    storage = open_storage(storage_url, settings, create=False)
     study, definition = load_study(study_name, storage, local=local)
     # A slot the study hands out, not the command line's index: separately started workers
     # (and a worker started again later) must not replay the same sampler seed.
     slot = claim_worker_slot(study)
     study.sampler = definition.make_sampler(slot)
-    objective = TrialObjective(definition, artifact_dir=artifact_dir, interruptible=signals.set_training)
+    objective = TrialObjective(
+        definition, artifact_dir=artifact_dir, interruptible=signals.set_training, on_start=_log_start
+    )
     summary = WorkerSummary()
     _log.info("worker %d (slot %d) on %s (%s)", worker_index, slot, study_name, socket.gethostname())
     while True:
@@ -236,18 +357,52 @@ def run_worker(
             # and come back for a retry. Wait for them.
             signals.stop.wait(settings.heartbeat_interval)
             continue
+        started = time.monotonic()
         try:
             if signals.stop.is_set():
                 raise WorkerInterrupted(signals.name)
-            with _heartbeat(storage, trial._trial_id, settings.heartbeat_interval):
+            with _heartbeat(storage, trial, settings.heartbeat_interval):
                 _run_trial(study, trial, objective, summary)
         except WorkerInterrupted as e:
-            _fail(study, trial, f"interrupted: the worker received {e}", retry=True)
+            reason = f"interrupted: the worker received {e}"
+            _fail(study, trial, reason, retry=True, seconds=time.monotonic() - started)
             summary.failed += 1
             summary.stopped_by = str(e)
             break
+        _log.info("%s", progress_line(study.get_trials(deepcopy=False), definition.n_trials))
     _log.info("worker %d done: %d complete, %d failed", worker_index, summary.completed, summary.failed)
     return summary
+
+
+def _log_start(trial: optuna.Trial, params: dict[str, object], baseline: str | None) -> None:
+    # The trial as asked, which the Trial holds anyway: no second read of the storage.
+    history = trial._cached_frozen_trial.system_attrs.get("retry_history")
+    retry_of = history[-1] if history else None
+    _log.info("%s", trial_started(trial.number, params, baseline, retry_of))
+
+
+def _end_with_parent(parent_pid: int) -> None:
+    """Have this process receive SIGTERM when its parent ends, even by SIGKILL, so that it fails
+    and re-enqueues its trial rather than train on as an orphan.
+
+    Linux's parent-death signal; it follows the thread that started this process, which is
+    ``run_workers``'s caller, the launcher's main thread. The parent may have ended before
+    the signal was armed: then this process stops at once.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            _log.warning("could not arm the parent-death signal: %s", os.strerror(ctypes.get_errno()))
+    else:  # no parent-death signal: watch the parent instead
+
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _quiet_optuna_warnings() -> None:
@@ -272,26 +427,41 @@ def _apply_process_limits() -> None:
 def _run_trial(
     study: optuna.Study, trial: optuna.Trial, objective: TrialObjective, summary: WorkerSummary
 ) -> None:
+    started = time.monotonic()
+    metric_names = objective.definition.metric_names
+    outcome: TrialOutcome | None = None
     try:
-        values = objective(trial)
+        outcome = objective.run(trial)
+        record_trial_attrs(study._storage, trial._trial_id, outcome.user_attrs, outcome.system_attrs)
+        values = outcome.checked_values(metric_names)
     except TrialFailed as e:
-        _fail(study, trial, e.reason, retry=e.retry)
+        _fail(study, trial, e.reason, retry=e.retry, seconds=time.monotonic() - started)
         summary.failed += 1
         return
     except UpdateFinishedTrialError:
-        _finished_elsewhere(trial)
+        if _settle_finished(study, trial, outcome, metric_names):
+            summary.completed += 1
         return
+    except StorageUnreachable:
+        raise  # nothing can be recorded; the other workers' heartbeat check fails the trial
     except Exception as e:  # e.g. CUDA out of memory: this trial fails alone, the worker goes on
-        _fail(study, trial, f"{type(e).__name__}: {e}", retry=True)
+        _fail(study, trial, f"{type(e).__name__}: {e}", retry=True, seconds=time.monotonic() - started)
         summary.failed += 1
         return
     # Told as Optuna's own optimize loop tells: Study.tell would load and copy the finished
     # trial, its whole history included, only to return it.
-    state, _, _ = _tell_with_warning(study=study, trial=trial, value_or_values=values, skip_if_finished=True)
+    try:
+        state, _, _ = _tell_with_warning(
+            study=study, trial=trial, value_or_values=values, skip_if_finished=True
+        )
+    except UpdateFinishedTrialError:
+        state = None
     if state != TrialState.COMPLETE:
-        _finished_elsewhere(trial)
+        if _settle_finished(study, trial, outcome, metric_names):
+            summary.completed += 1
         return
     summary.completed += 1
+    _log.info("%s", trial_ended(trial.number, outcome, metric_names, time.monotonic() - started))
 
 
 # --- several processes ---------------------------------------------------------------------
@@ -481,8 +651,23 @@ def plan_processes(
     ]
 
 
-def run_workers(plans: Sequence[ProcessPlan], child_args: Sequence[str], *, index_offset: int = 0) -> int:
+def run_workers(
+    plans: Sequence[ProcessPlan],
+    child_args: Sequence[str],
+    *,
+    index_offset: int = 0,
+    env: Mapping[str, str] | None = None,
+) -> int:
     """Run one ``cvae-search worker --child`` process per plan; forward SIGTERM/SIGINT.
+
+    Each process ends with this one (see :func:`_end_with_parent`).
+
+    Args:
+        plans: One process each.
+        child_args: The ``worker`` arguments every process gets.
+        index_offset: Added to each process's index in the logs.
+        env: Variables set for every process besides the plan's, e.g. ``OPTUNA_STORAGE``:
+            anything secret goes here, never into ``child_args``, which ``ps`` shows.
 
     Returns:
         0 when every process ended cleanly, else the first non-zero exit status.
@@ -502,7 +687,7 @@ def run_workers(plans: Sequence[ProcessPlan], child_args: Sequence[str], *, inde
         for plan in plans:
             if stopping.is_set():
                 break
-            env = {**os.environ, **plan.env}
+            child_env = {**os.environ, **(env or {}), **plan.env, PARENT_PID_ENV: str(os.getpid())}
             cmd = [
                 sys.executable,
                 "-m",
@@ -513,7 +698,7 @@ def run_workers(plans: Sequence[ProcessPlan], child_args: Sequence[str], *, inde
                 "--worker-index",
                 str(index_offset + plan.index),
             ]
-            procs.append(subprocess.Popen(cmd, env=env))
+            procs.append(subprocess.Popen(cmd, env=child_env))
         codes = [p.wait() for p in procs]
     finally:
         for s, handler in previous.items():

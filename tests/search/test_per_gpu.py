@@ -314,9 +314,7 @@ def test_the_cli_packs_by_the_studys_peaks(
     # Optuna's schema into the empty file).
     empty = tmp_path / "empty.db"
     empty.touch()
-    assert (
-        main(["worker", "packed", "--storage", f"sqlite:///{empty}", "--gpus", "none", "--per-gpu", "auto"])
-        == 0
-    )
-    assert per_gpu(started[-1]) == {"": 1}
+    argv = ["worker", "packed", "--storage", f"sqlite:///{empty}", "--gpus", "none", "--per-gpu", "auto"]
+    assert main([*argv, "--processes", "2"]) == 0  # one would run in this process
+    assert per_gpu(started[-1]) == {"": 2}
     assert empty.stat().st_size == 0

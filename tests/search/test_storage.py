@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy
 from optuna.storages._rdb import models
 from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
 
 import search.storage
 from search.storage import (
@@ -26,6 +27,7 @@ from search.storage import (
     BudgetExhausted,
     SearchStorage,
     StorageSettings,
+    StorageUnreachable,
     StudyRetry,
     open_storage,
     reap_stale_trials,
@@ -33,6 +35,7 @@ from search.storage import (
     resolve_storage_url,
 )
 from search.study import claim_worker_slot
+from tests.search.relay import TcpRelay
 
 pytestmark = [
     pytest.mark.postgres,
@@ -282,6 +285,38 @@ def test_a_trial_that_never_beat_is_stale_once_seen_silent_past_the_grace_period
     assert retry.params == silent.params
 
 
+def test_a_stale_trial_is_failed_with_its_reason_and_logged(
+    storage: SearchStorage, new_study: Callable[..., optuna.Study], caplog: pytest.LogCaptureFixture
+) -> None:
+    study = new_study(budget=3, max_retries=1)
+    optuna.create_study(study_name=f"{study.study_name}-other", storage=storage).ask()  # ids != numbers
+    dead = study.ask({"x": X})
+    time.sleep(FAST.grace_period + 1.5)
+
+    with caplog.at_level(logging.WARNING, logger="search.storage"):
+        assert reap_stale_trials(study) == [dead.number]
+
+    failed, retry = study.get_trials()
+    reason = failed.user_attrs["fail_reason"]
+    assert failed.state == TrialState.FAIL and reason.startswith("stale: no heartbeat for ")
+    assert reason.endswith(f" s (grace period {FAST.grace_period} s)")
+    assert f"trial {dead.number} failed as {reason}; re-enqueued as trial {retry.number}" in caplog.text
+
+
+def test_after_an_outage_of_its_own_a_process_gives_running_trials_the_grace_period_again(
+    storage: SearchStorage, new_study: Callable[..., optuna.Study]
+) -> None:
+    study = new_study(budget=3, max_retries=1)
+    quiet = study.ask({"x": X})  # its worker was cut off as well, and is about to beat again
+    time.sleep(FAST.grace_period + 1.5)
+    drop_connections(storage)  # this process's own outage: a call fails, then gets through
+
+    assert reap_stale_trials(study) == []  # it could not have heard the trial's beats meanwhile
+    assert study.get_trials()[0].state == TrialState.RUNNING
+    time.sleep(FAST.grace_period + 0.5)  # silent for a whole grace period since
+    assert reap_stale_trials(study) == [quiet.number]
+
+
 def test_a_retry_starts_clean_and_respects_the_studys_retry_limit(
     storage: SearchStorage, new_study: Callable[..., optuna.Study]
 ) -> None:
@@ -391,10 +426,30 @@ def test_a_connection_dropped_in_a_short_pause_fails_one_attempt_that_is_retried
     study.ask()
     drop_connections(storage)
 
-    with caplog.at_level(logging.WARNING, logger="search.storage"):
+    with caplog.at_level(logging.INFO, logger="search.outages"):
         study.ask()
     assert len(study.get_trials()) == 2
-    assert "storage unreachable" in caplog.text
+    assert f"storage {redact(pg_url)} unreachable (server closed the connection unexpectedly)" in caplog.text
+    assert f"storage {redact(pg_url)} reachable again after " in caplog.text
+
+
+def test_a_storage_unreachable_past_the_reconnect_budget_fails_with_one_line(
+    pg_url: str, new_study: Callable[..., optuna.Study]
+) -> None:
+    relay = TcpRelay(("127.0.0.1", 5432))
+    url = make_url(pg_url).set(port=relay.port, password="s3cr3t").render_as_string(hide_password=False)
+    storage = SearchStorage(url, StorageSettings(heartbeat_interval=1, grace_period=2, reconnect_timeout=1))
+    study_id = storage.get_study_id_from_name(new_study().study_name)
+    relay.cut()
+
+    started = time.monotonic()
+    with pytest.raises(StorageUnreachable) as gone:
+        storage.get_all_trials(study_id)
+    assert time.monotonic() - started < 10
+    message = str(gone.value)
+    assert message.startswith(f"storage {redact(url)}: unreachable for 1 s (CVAE_SEARCH_RECONNECT); ")
+    assert "gave up on get_all_trials (connection to server at" in message and "Connection refused" in message
+    assert "\n" not in message and "s3cr3t" not in message
 
 
 # --- where the storage is -------------------------------------------------------------------------

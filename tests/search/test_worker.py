@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,18 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from search.cli import main
-from search.storage import HEARTBEAT_ATTR, SearchStorage
-from search.worker import WorkerSummary, _run_trial
+from search.objective import TrialOutcome, suggest_space
+from search.storage import HEARTBEAT_ATTR, StudyRetry
+from search.worker import WorkerInterrupted, WorkerSummary, _run_trial, _Signals
 from tests.conftest import CliProcesses
+from tests.search.constructed_studies import make_definition, new_study, sqlite_storage
 
-pytestmark = pytest.mark.postgres
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.filterwarnings(
+        "ignore:Heartbeat of storage is supposed:UserWarning"
+    ),  # ask/tell, as a worker
+]
 
 WORKER_TIMEOUT = 240
 LONG_TRIAL_EPOCHS = 80
@@ -132,17 +140,20 @@ def assert_budget_met_exactly(trials: list[FrozenTrial], n_trials: int) -> None:
     assert count(trials, TrialState.WAITING) == 0
 
 
-def assert_killed_trial_was_retried(trials: list[FrozenTrial]) -> None:
+def assert_killed_trial_was_retried(trials: list[FrozenTrial], reaper_log: str) -> None:
     """One trial was failed through its heartbeat, and its retry ran to completion."""
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert len(failed) == 1, [(t.number, t.state.name) for t in trials]
     dead = failed[0]
-    # Failed by the heartbeat (another process), not by its own worker, which records a reason.
-    assert "fail_reason" not in dead.user_attrs
+    # Failed by the heartbeat check of another process, which says so.
+    assert dead.user_attrs["fail_reason"].startswith("stale: no heartbeat for ")
     (retry,) = retries_of(trials, dead)
     assert retry.state == TrialState.COMPLETE
     assert retry.params == dead.params
     assert retry.system_attrs["retry_history"] == [dead.number]
+    assert retry.user_attrs["fail_reason"] is None  # inherited, then cleared by its completion
+    assert f"trial {dead.number} failed as stale: no heartbeat for " in reaper_log
+    assert f"re-enqueued as trial {retry.number}" in reaper_log
 
 
 # --- several workers ----------------------------------------------------------------------------
@@ -170,7 +181,9 @@ def several_workers(
     cli = CliProcesses(search_env, tmp_path_factory.mktemp("several"))
     try:
         study = tiny_study(SEVERAL, n_trials=8, baselines={**BASELINES, **WILD}, constraints=IMPOSSIBLE)
-        create(study, pg_url)
+        created = cli.run("create", str(study), "--storage", pg_url)
+        assert created.returncode == 0, created.stderr
+        assert "Warning" not in created.stderr, created.stderr  # Optuna's, of the APIs used on purpose
         artifacts = cli.logs / "artifacts"
         # Started separately, as replicas of a container are: nothing tells them apart.
         workers = [start_worker(cli, SEVERAL, pg_url, artifacts) for _ in range(3)]
@@ -217,6 +230,35 @@ def test_several_workers_finish_exactly_the_budget(several_workers: Any, observe
         trained = yaml.safe_load((artifacts / meta["artifact_id"]).read_text())
         # train.lr is not searched: only the baseline's own config carries it.
         assert trained["train"]["lr"] == overrides["train.lr"]
+
+
+def test_a_person_can_follow_the_workers(several_workers: Any, observer: RDBStorage) -> None:
+    _, _, outputs = several_workers
+    log = "\n".join(outputs)
+    assert "Warning" not in log and "Traceback" not in log, log
+    trials = trials_of(observer, SEVERAL)
+    for t in trials:
+        baseline = t.user_attrs.get("baseline")
+        if baseline:
+            assert f"trial {t.number} started: baseline {baseline}\n" in log
+        else:
+            started = f"trial {t.number} started: beta_kl={t.params['loss.beta_kl']:.4g} "
+            assert started + f"free_bits={t.params['loss.free_bits']:.4g}\n" in log
+        if t.state == TrialState.FAIL:  # the wild baseline
+            assert f"trial {t.number} failed after " in log and ": diverged" in log
+            continue
+        diversity, ks = t.values
+        ended = f"trial {t.number} complete in "
+        line = next(line for line in log.splitlines() if ended in line)
+        assert f": diversity={diversity:.4g} ks_stat={ks:.4g}; infeasible (" in line
+        assert "spatial_correlation>=0.99" in line  # the constraint no trial meets
+        assert line.endswith("; 2/2 epochs")
+    progress = [line for line in log.splitlines() if "search.worker: progress: " in line]
+    assert len(progress) == len(trials)  # one as each trial ends
+    assert any("complete, 1 failed" in line and "ETA " in line for line in progress)
+    assert any(
+        line.endswith(": 8/8 complete, 1 failed, 0 running, 0 waiting; budget finished") for line in progress
+    )
 
 
 def test_optunas_own_cli_reads_the_study(
@@ -294,7 +336,7 @@ def test_a_killed_worker_s_trial_is_failed_by_heartbeat_and_retried(
     assert wait_while_live_trials_beat(cli, survivor, name, pg_url, dead) == 0, cli.output(survivor)
     trials = trials_of(observer, name)
     assert_budget_met_exactly(trials, 3)
-    assert_killed_trial_was_retried(trials)
+    assert_killed_trial_was_retried(trials, cli.output(survivor))
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -320,6 +362,29 @@ def test_sigterm_stops_a_worker_cleanly_and_requeues_its_trial(
         (retry,) = retries_of(trials, t)
         assert retry.state == TrialState.WAITING
         assert retry.params == t.params
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the one swallowed
+def test_a_stop_swallowed_by_a_finalizer_comes_again() -> None:
+    # A signal whose handler runs inside a weakref callback (or a __del__) raises there, and
+    # Python ignores exceptions from those: the worker would train on.
+    signals = _Signals()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signals.install()
+    try:
+        signals.set_training(True)
+        thing = set()
+        finalizer = weakref.ref(thing, lambda _: signal.raise_signal(signal.SIGTERM))  # noqa: F841
+        with pytest.raises(WorkerInterrupted, match="SIGTERM"):
+            del thing  # the handler runs in the callback; its exception is ignored there
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # training
+                time.sleep(0.05)
+        assert signals.stop.is_set()
+    finally:
+        signals.set_training(False)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 # --- PostgreSQL restarted mid-study ---------------------------------------------------------------
@@ -420,7 +485,7 @@ def test_workers_behind_the_grpc_proxy(
     assert wait_while_live_trials_beat(cli, survivor, name, pg_url, dead) == 0
     trials = trials_of(observer, name)
     assert_budget_met_exactly(trials, 3)
-    assert_killed_trial_was_retried(trials)
+    assert_killed_trial_was_retried(trials, cli.output(proxy))
     assert proxy.poll() is None
     # The workers' heartbeats went into Optuna's heartbeat table, not into the trials.
     assert not any(HEARTBEAT_ATTR in t.system_attrs for t in trials)
@@ -433,21 +498,87 @@ def test_workers_behind_the_grpc_proxy(
             assert sum(k.startswith("artifacts:") for k in t.system_attrs) == 3
 
 
-def test_a_trial_finished_elsewhere_meanwhile_is_dropped_not_counted(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+# --- a trial finished elsewhere while its worker was cut off -----------------------------------------
+
+
+class _Training:
+    """What :class:`search.objective.TrialObjective` does to a trial, with ``meanwhile`` (another
+    process's doing while this worker trains and is cut off) in place of the training."""
+
+    def __init__(self, study: optuna.Study, meanwhile: Callable[[optuna.Trial], None]) -> None:
+        self.definition = make_definition(name=study.study_name)
+        self.meanwhile = meanwhile
+
+    def run(self, trial: optuna.Trial) -> TrialOutcome:
+        suggest_space(trial, self.definition.space)
+        self.meanwhile(trial)
+        return TrialOutcome(
+            values=[1.0, 0.5],
+            user_attrs={"metrics": {"diversity": 1.0, "ks_stat": 0.5}},
+            system_attrs={"constraints:collapse": 0.0},
+            constraints={"collapse": 0.0},
+            stopped=None,
+            epochs_run=2,
+            epochs=2,
+        )
+
+
+@pytest.fixture
+def small_study(tmp_path: Path) -> optuna.Study:
+    return new_study(make_definition(name="finished-elsewhere", n_trials=3), sqlite_storage(tmp_path)[1])
+
+
+def failed_as_stale(study: optuna.Study, trial: optuna.Trial) -> None:
+    """What the reaper of another process does to a worker cut off past the grace period."""
+    storage = study._storage._backend  # type: ignore[attr-defined]
+    assert storage.fail_stale_trial(trial._trial_id, "stale: no heartbeat for 40 s (grace period 30 s)")
+    StudyRetry()(study, storage.get_trial(trial._trial_id))
+
+
+def test_a_result_finished_after_its_trial_was_failed_as_stale_goes_to_the_waiting_retry(
+    small_study: optuna.Study, caplog: pytest.LogCaptureFixture
 ) -> None:
-    storage = SearchStorage(f"sqlite:///{tmp_path / 'study.db'}")
-    study = optuna.create_study(storage=storage, directions=["maximize", "minimize"])
-    trial = study.ask()
+    trial = small_study.ask()
+    summary = WorkerSummary()
+    with caplog.at_level(logging.INFO, logger="search.worker"):
+        _run_trial(
+            small_study, trial, _Training(small_study, lambda t: failed_as_stale(small_study, t)), summary
+        )  # type: ignore[arg-type]
 
-    def reaped_while_training(t: optuna.Trial) -> list[float]:
-        # What the reaper of another process does to a worker cut off past the grace period.
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        return [1.0, 0.5]
+    assert (summary.completed, summary.failed) == (1, 0)
+    first, retry = small_study.get_trials()
+    assert first.state == TrialState.FAIL and first.values is None
+    assert retry.state == TrialState.COMPLETE and retry.values == [1.0, 0.5]
+    assert retry.params == first.params
+    assert retry.user_attrs["result_from_trial"] == first.number
+    assert retry.user_attrs["fail_reason"] is None and retry.user_attrs["metrics"]["diversity"] == 1.0
+    assert retry.constraints == {"collapse": 0.0}
+    assert f"its finished result is recorded on its retry, trial {retry.number}" in caplog.text
 
+
+def test_a_result_whose_retry_has_started_elsewhere_is_dropped_not_counted(
+    small_study: optuna.Study, caplog: pytest.LogCaptureFixture
+) -> None:
+    def failed_and_retried_elsewhere(t: optuna.Trial) -> None:
+        failed_as_stale(small_study, t)
+        small_study.ask()  # another worker takes the retry up
+
+    trial = small_study.ask()
     summary = WorkerSummary()
     with caplog.at_level(logging.WARNING, logger="search.worker"):
-        _run_trial(study, trial, reaped_while_training, summary)  # type: ignore[arg-type]
+        _run_trial(small_study, trial, _Training(small_study, failed_and_retried_elsewhere), summary)  # type: ignore[arg-type]
+
     assert (summary.completed, summary.failed) == (0, 0)
-    assert study.trials[0].state == TrialState.FAIL and study.trials[0].values is None
-    assert "already finished by another process" in caplog.text
+    assert [t.state for t in small_study.get_trials()] == [TrialState.FAIL, TrialState.RUNNING]
+    assert "its retry has been taken up already; dropping this attempt's result" in caplog.text
+
+
+def test_a_tell_that_got_through_before_its_reply_was_lost_counts(small_study: optuna.Study) -> None:
+    def told_already(t: optuna.Trial) -> None:
+        small_study._storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE, [1.0, 0.5])
+
+    trial = small_study.ask()
+    summary = WorkerSummary()
+    _run_trial(small_study, trial, _Training(small_study, told_already), summary)  # type: ignore[arg-type]
+    assert (summary.completed, summary.failed) == (1, 0)
+    assert [t.state for t in small_study.get_trials()] == [TrialState.COMPLETE]
