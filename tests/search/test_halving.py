@@ -311,17 +311,22 @@ ARRIVING = [
 
 
 def read_together(monkeypatch: pytest.MonkeyPatch) -> None:
-    """From now on two trials' reads of their peers wait for each other (up to a second): what
-    the storage lets through at once happens at once."""
-    barrier = threading.Barrier(2, timeout=1.0)
+    """From now on two trials read their peers together: each waits (up to 3 s) for the other
+    before it reads and again before it goes on, so what the storage lets happen at once does."""
+    barrier = threading.Barrier(2, timeout=3.0)
     read = RungBook.peers
 
-    def peers(self: RungBook, epoch: int) -> Any:
+    def meet() -> None:
         try:
             barrier.wait()
-        except threading.BrokenBarrierError:
+        except threading.BrokenBarrierError:  # the other is held elsewhere (by the study lock)
             pass
-        return read(self, epoch)
+
+    def peers(self: RungBook, epoch: int) -> Any:
+        meet()
+        found = read(self, epoch)
+        meet()
+        return found
 
     monkeypatch.setattr(RungBook, "peers", peers)
 
@@ -337,11 +342,13 @@ def arrive_together(
         RungBook(definition, study.ask()).arrive(2, metrics)
     read_together(monkeypatch)
     errors: list[BaseException] = []
+    asked = threading.Barrier(2, timeout=60)
 
     def worker(metrics: dict[str, float]) -> None:
         try:
             own = optuna.load_study(study_name=name, storage=open_storage(url))
             book = RungBook(definition, own.ask())
+            asked.wait()  # both trials reach the rung together
             book.arrive(2, metrics)
         except BaseException as e:  # noqa: BLE001 - reported by the test below
             errors.append(e)
