@@ -119,7 +119,12 @@ def constraint_values(
             out[f"{label}>={c.min:g}"] = c.min - v if math.isfinite(v) else 1e6
         if c.max is not None:
             out[f"{label}<={c.max:g}"] = v - c.max if math.isfinite(v) else 1e6
-    if definition.collapse is not None:
+    if definition.collapse is not None and halved(stopped):
+        # It passed every collapse check it reached; its spread before the end of training is
+        # no evidence of collapse, and counted, it would look worse to the sampler than a
+        # trial that did collapse.
+        out[COLLAPSE_CONSTRAINT] = 0.0
+    elif definition.collapse is not None:
         rule = definition.collapse
         graded = sum(
             _shortfall(metrics.get(name, math.nan), floor)

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from model.config import ConfigError
 from search.cli import main
-from search.definition import Halving, StudyDefinition, halving_ladder, load_definition
+from search.definition import Collapse, Halving, StudyDefinition, halving_ladder, load_definition
 from search.export import export_trial, pick_trial
 from search.halving import (
     HALVED_CONSTRAINT,
@@ -191,6 +191,19 @@ def test_a_bad_rule_names_the_file_and_the_field(
     with pytest.raises(ConfigError) as e:
         load_definition(path)
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+
+
+def test_a_halved_trial_is_not_counted_as_collapsing_whatever_its_early_spread() -> None:
+    definition = dataclasses.replace(with_rule(), collapse=Collapse(after_epoch=15, min_spread_norm=0.08))
+    early = {"diversity": 1.0, "ks_stat": 0.1, "mass_bias": 0.0, "spread_norm": 0.02, "z_usage": 0.01}
+    halved = constraint_values(definition, early, "halved at epoch 5: ranked 4 of 6 trials at the rung")
+    assert halved[HALVED_CONSTRAINT] == 1.0 and halved["collapse"] == 0.0
+    # The same spread at the end of training is graded towards collapse, and a halved trial
+    # never looks worse to the sampler than one that collapsed.
+    unhalved = constraint_values(definition, early, None)
+    assert unhalved[HALVED_CONSTRAINT] == 0.0 and unhalved["collapse"] > 0.5
+    collapsed = constraint_values(definition, early, "collapsed at epoch 15: spread_norm=0.02 < 0.08")
+    assert sum(max(0.0, v) for v in halved.values()) < sum(max(0.0, v) for v in collapsed.values())
 
 
 # --- the rule at work in real trials -------------------------------------------------------------
