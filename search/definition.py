@@ -101,7 +101,7 @@ class Halving:
     """Each rung keeps the top 1/eta; also the ladder's factor."""
     min_epoch: int | None = None
     """The first rung of the ladder ``min_epoch * eta**k`` (below ``train.epochs``); default
-    a third of ``train.epochs``."""
+    a quarter of ``train.epochs``."""
     rungs: list[int] | None = None
     """Explicit rung epochs instead of the ladder; the stored definition always holds them."""
     metrics: list[str] | None = None
@@ -408,10 +408,10 @@ def _resolve_config(study_file: Path, ref: str, field_name: str) -> Config:
     return load_config(path)
 
 
-DEFAULT_FIRST_RUNG = 1 / 3
+DEFAULT_FIRST_RUNG = 1 / 4
 """The ladder's first rung, as a fraction of ``train.epochs``, when ``halving.min_epoch`` is
-not set: from there on the rung metrics' rank correlation with the final ones was >= 0.7 for
-every objective at CPU size (benchmarks/RESULTS.md, section 7)."""
+not set: from there on the rung metrics' rank correlation with the final ones was >= 0.8 for
+every objective and the mass constraint at CPU size (benchmarks/RESULTS.md, section 7)."""
 
 
 def halving_ladder(min_epoch: int, eta: float, epochs: int) -> list[int]:

@@ -151,7 +151,7 @@ def test_the_ladder_and_the_defaults_resolve_into_explicit_rungs(tiny_study: Cal
         tiny_study("ladder", epochs=20, halving={"eta": 2}, constraints=[{"metric": "mass_bias", "max": 0.2}])
     )
     assert d.halving is not None
-    assert d.halving.rungs == [7, 14] and d.halving.metrics == JUDGED
+    assert d.halving.rungs == [5, 10] and d.halving.metrics == JUDGED
     assert d.halving.min_epoch is None  # the stored definition holds the rungs themselves
     explicit = load_definition(
         tiny_study("explicit", epochs=20, halving={"rungs": [3, 9], "metrics": ["ks_stat"]})
