@@ -6,6 +6,7 @@ come back to the host once, at the end.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -14,9 +15,9 @@ import torch
 from model.config import EvalConfig
 from model.cvae import CVAE
 from model.data import Dataset, Split
-from model.metrics import EvalData, collapse_probe, compute_diagnostics, compute_metrics
+from model.metrics import METRICS, EvalData, collapse_probe, compute_diagnostics, compute_metrics
 
-__all__ = ["Evaluation", "autocast", "evaluate", "generate", "probe_collapse"]
+__all__ = ["Evaluation", "autocast", "evaluate", "evaluate_validation", "generate", "probe_collapse"]
 
 
 def autocast(device: torch.device, bf16: bool) -> AbstractContextManager[object]:
@@ -120,3 +121,25 @@ def probe_collapse(
     ev = generate(model, data, split, cfg, n_samples=4, bf16=bf16)
     assert ev.recon_post is not None and ev.recon_prior is not None
     return collapse_probe(ev.samples, ev.obs, ev.mask, ev.recon_post, ev.recon_prior)
+
+
+def evaluate_validation(
+    model: CVAE,
+    data: Dataset,
+    cfg: EvalConfig,
+    names: Sequence[str] | None = None,
+    *,
+    days: int | None = None,
+    bf16: bool = False,
+) -> dict[str, float]:
+    """Metrics ``names`` (every metric when ``None``) on the first ``days`` validation days.
+
+    ``cfg.n_samples`` prior draws per day, seeded by ``cfg.seed``, so the same model always
+    gets the same values; ``days=None`` takes ``cfg.max_days``, which with ``cfg.split ==
+    "val"`` is exactly what :func:`evaluate` reports. The latents and reconstructions are
+    drawn only when a named metric needs them.
+    """
+    split = _limit(data.val, cfg.max_days if days is None else days)
+    with_latents = names is None or any(METRICS[n].requires for n in names if n in METRICS)
+    ev = generate(model, data, split, cfg, n_samples=cfg.n_samples, bf16=bf16, with_latents=with_latents)
+    return compute_metrics(ev, names)

@@ -23,7 +23,7 @@ from model.checkpoint import save_checkpoint, versions
 from model.config import Config, save_config
 from model.cvae import CVAE
 from model.data import Dataset, load_data
-from model.evaluate import autocast, evaluate, probe_collapse
+from model.evaluate import autocast, evaluate, evaluate_validation, probe_collapse
 from model.losses import compute_losses, kl_warmup_factor
 from model.metrics import EvalData
 from model.plots import plot_samples
@@ -62,6 +62,9 @@ class EpochReport:
     elapsed_s: float
     probe: Callable[[], dict[str, float]]
     """Cheap collapse signals (``spread_norm``, ``z_usage``) on a few validation days, on demand."""
+    evaluate: Callable[[Sequence[str] | None, int | None], dict[str, float]] | None = None
+    """The named metrics (all when ``None``) on the first N validation days (the eval config's
+    ``max_days`` when ``None``), on demand: :func:`model.evaluate.evaluate_validation`."""
 
 
 EpochCallback = Callable[[EpochReport], str | None]
@@ -255,6 +258,9 @@ def _train(
             samples_per_s=rate,
             elapsed_s=time.perf_counter() - t_train,
             probe=lambda: probe_collapse(model, data, cfg.eval, bf16=bf16),
+            evaluate=lambda names, days: evaluate_validation(
+                model, data, cfg.eval, names, days=days, bf16=bf16
+            ),
         )
         for callback in callbacks:
             stopped = callback(report)

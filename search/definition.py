@@ -36,6 +36,7 @@ __all__ = [
     "Baseline",
     "Collapse",
     "Constraint",
+    "Halving",
     "Objective",
     "Param",
     "SamplerSpec",
@@ -92,6 +93,27 @@ class Collapse:
 
 
 @dataclass
+class Halving:
+    """Multi-objective successive halving: at each rung a trial goes on only if it ranks in the
+    top ``1/eta`` of the trials that reached the rung before it (search/halving.py)."""
+
+    eta: float = 3.0
+    """Each rung keeps the top 1/eta; also the ladder's factor."""
+    min_epoch: int | None = None
+    """The first rung of the ladder ``min_epoch * eta**k`` (below ``train.epochs``); default
+    a quarter of ``train.epochs``."""
+    rungs: list[int] | None = None
+    """Explicit rung epochs instead of the ladder; the stored definition always holds them."""
+    metrics: list[str] | None = None
+    """Judged at a rung: objective metrics (ranked) and constraint metrics (feasibility);
+    default every objective and constraint."""
+    min_peers: int = 4
+    """Trials that must have reached a rung before it stops anything."""
+    days: int = 16
+    """Validation days a rung evaluates on (the first ones, with the eval config's K and seed)."""
+
+
+@dataclass
 class SamplerSpec:
     name: str = "tpe"
     seed: int | None = 0
@@ -140,6 +162,7 @@ class _StudyFile:
     max_retries: int = 2
     max_failures: int | None = None
     collapse: Collapse | None = field(default_factory=Collapse)
+    halving: Halving | None = None
     baselines: list[Baseline] = field(default_factory=list)
     save_checkpoints: bool = False
 
@@ -166,6 +189,8 @@ class StudyDefinition:
     baseline_fields: dict[str, list[str]] = field(default_factory=dict)
     """The dotted fields each baseline sets, as read from its study file (for display; the
     stored definition keeps only the resolved configs)."""
+    halving: Halving | None = None
+    """Resolved: explicit ``rungs`` and ``metrics``."""
 
     @property
     def directions(self) -> list[str]:
@@ -196,6 +221,9 @@ class StudyDefinition:
             "baselines": {k: _config_dict(v) for k, v in self.baselines.items()},
             "save_checkpoints": self.save_checkpoints,
         }
+        # Stored only when set, so studies created before halving existed keep their digest.
+        if self.halving is not None:
+            data["halving"] = asdict(self.halving)
         return data
 
     @classmethod
@@ -218,6 +246,7 @@ class StudyDefinition:
             },
             save_checkpoints=data["save_checkpoints"],
             source=source,
+            halving=Halving(**data["halving"]) if data.get("halving") is not None else None,
         )
 
     def digest(self) -> str:
@@ -397,6 +426,65 @@ def _resolve_config(study_file: Path, ref: str, field_name: str) -> Config:
     return load_config(path)
 
 
+DEFAULT_FIRST_RUNG = 1 / 4
+"""The ladder's first rung, as a fraction of ``train.epochs``, when ``halving.min_epoch`` is
+not set: from there on the rung metrics' rank correlation with the final ones was >= 0.8 for
+every objective and the mass constraint at CPU size (benchmarks/RESULTS.md, section 7)."""
+
+
+def halving_ladder(min_epoch: int, eta: float, epochs: int) -> list[int]:
+    """The rungs ``round(min_epoch * eta**k)``, k = 0, 1, ..., below ``epochs``."""
+    rungs: list[int] = []
+    k = 0
+    while (rung := round(min_epoch * eta**k)) < epochs:
+        if rung not in rungs:
+            rungs.append(rung)
+        k += 1
+    return rungs
+
+
+def _resolve_halving(
+    source: str, h: Halving, base: Config, objectives: list[Objective], spec: _StudyFile
+) -> Halving:
+    epochs = base.train.epochs
+    if not h.eta > 1:
+        raise _fail(source, "halving.eta", "a number > 1", h.eta)
+    if h.min_peers < 0:
+        raise _fail(source, "halving.min_peers", "a non-negative integer", h.min_peers)
+    if h.days < 1:
+        raise _fail(source, "halving.days", "a positive number of validation days", h.days)
+    if h.rungs is not None and h.min_epoch is not None:
+        raise _fail(source, "halving", "either rungs or min_epoch, not both", asdict(h))
+    if h.rungs is not None:
+        rungs = list(h.rungs)
+        if not rungs or rungs != sorted(set(rungs)) or rungs[0] < 1 or rungs[-1] >= epochs:
+            raise _fail(
+                source, "halving.rungs", f"increasing epochs from 1 to below train.epochs ({epochs})", h.rungs
+            )
+    else:
+        min_epoch = h.min_epoch if h.min_epoch is not None else max(1, round(epochs * DEFAULT_FIRST_RUNG))
+        if not 1 <= min_epoch < epochs:
+            raise _fail(
+                source, "halving.min_epoch", f"an epoch from 1 to below train.epochs ({epochs})", min_epoch
+            )
+        rungs = halving_ladder(min_epoch, h.eta, epochs)
+    judged = [o.metric for o in objectives] + [c.metric for c in spec.constraints]
+    metrics = list(dict.fromkeys(h.metrics if h.metrics is not None else judged))
+    for i, name in enumerate(metrics):
+        if name not in judged:
+            raise _fail(
+                source,
+                f"halving.metrics[{i}]",
+                f"an objective or constraint metric ({', '.join(judged)})",
+                name,
+            )
+    if not any(o.metric in metrics for o in objectives):
+        raise _fail(source, "halving.metrics", "at least one objective metric to rank by", metrics)
+    return Halving(
+        eta=float(h.eta), min_epoch=None, rungs=rungs, metrics=metrics, min_peers=h.min_peers, days=h.days
+    )
+
+
 def load_definition(path: str | Path) -> StudyDefinition:
     """Parse and fully validate a study file."""
     path = Path(path)
@@ -454,6 +542,8 @@ def load_definition(path: str | Path) -> StudyDefinition:
     if spec.collapse is not None and spec.collapse.after_epoch < 1:
         raise _fail(source, "collapse.after_epoch", "an epoch >= 1", spec.collapse.after_epoch)
 
+    halving = None if spec.halving is None else _resolve_halving(source, spec.halving, base, objectives, spec)
+
     baselines: dict[str, Config] = {}
     baseline_fields: dict[str, list[str]] = {}
     for i, b in enumerate(spec.baselines):
@@ -489,4 +579,5 @@ def load_definition(path: str | Path) -> StudyDefinition:
         save_checkpoints=spec.save_checkpoints,
         source=source,
         baseline_fields=baseline_fields,
+        halving=halving,
     )

@@ -27,6 +27,7 @@ from model.config import Config, ConfigError, config_to_dict
 from model.data import Dataset, load_data
 from model.trainer import EpochReport, TrainingDiverged, TrainResult, train
 from search.definition import Collapse, Param, StudyDefinition
+from search.halving import HALVED_CONSTRAINT, HalvingWatcher, halved
 from search.storage import set_trial_attrs
 from search.study import BASELINE_ATTR
 
@@ -107,7 +108,8 @@ class CollapseWatcher:
 def constraint_values(
     definition: StudyDefinition, metrics: Mapping[str, float], stopped: str | None
 ) -> dict[str, float]:
-    """Optuna constraint values (feasible when <= 0), one per bound, plus ``collapse``."""
+    """Optuna constraint values (feasible when <= 0), one per bound, plus ``collapse`` and
+    ``halved`` where the study has those rules."""
     out: dict[str, float] = {}
     for c in definition.constraints:
         v = metrics.get(c.metric, math.nan)
@@ -118,13 +120,20 @@ def constraint_values(
             out[f"{label}>={c.min:g}"] = c.min - v if math.isfinite(v) else 1e6
         if c.max is not None:
             out[f"{label}<={c.max:g}"] = v - c.max if math.isfinite(v) else 1e6
-    if definition.collapse is not None:
+    if definition.collapse is not None and halved(stopped):
+        # It passed every collapse check it reached; its spread before the end of training is
+        # no evidence of collapse, and counted, it would look worse to the sampler than a
+        # trial that did collapse.
+        out[COLLAPSE_CONSTRAINT] = 0.0
+    elif definition.collapse is not None:
         rule = definition.collapse
         graded = sum(
             _shortfall(metrics.get(name, math.nan), floor)
             for name, floor in (("spread_norm", rule.min_spread_norm), ("z_usage", rule.min_z_usage))
         )
         out[COLLAPSE_CONSTRAINT] = graded + (1.0 if stopped and stopped.startswith("collapsed") else 0.0)
+    if definition.halving is not None:
+        out[HALVED_CONSTRAINT] = 1.0 if halved(stopped) else 0.0
     return out
 
 
@@ -212,6 +221,8 @@ class TrialObjective:
         callbacks = list(self._extra_callbacks)
         if self.definition.collapse is not None:
             callbacks.append(CollapseWatcher(self.definition.collapse))
+        if self.definition.halving is not None:
+            callbacks.append(HalvingWatcher(self.definition, trial))
         with tempfile.TemporaryDirectory(prefix=f"trial-{trial.number}-") as tmp:
             self._interruptible(True)
             try:

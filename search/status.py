@@ -15,6 +15,7 @@ from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import TrialState
 
 from search.definition import StudyDefinition
+from search.halving import halving_summary
 from search.storage import reap_stale_trials
 
 __all__ = ["FrontTrial", "RunningTrial", "StudyStatus", "format_status", "study_status"]
@@ -50,6 +51,8 @@ class StudyStatus:
     reenqueued: dict[int, int] = field(default_factory=dict)
     """Failed stale trial -> the waiting trial that retries it."""
     grace_period_s: int | None = None
+    halving: list[str] = field(default_factory=list)
+    """Per rung, trials that reached it and were halved there; the latest halved, with why."""
 
     @property
     def finished(self) -> int:
@@ -124,6 +127,7 @@ def study_status(study: optuna.Study, definition: StudyDefinition, storage: Base
         failed_stale=failed_stale,
         reenqueued=reenqueued,
         grace_period_s=storage.grace_period if isinstance(storage, RDBStorage) else None,
+        halving=halving_summary(trials, definition.halving.rungs or []) if definition.halving else [],
     )
 
 
@@ -142,6 +146,7 @@ def format_status(status: StudyStatus) -> str:
             + ", ".join(f"#{n}" for n in status.failed_stale)
             + (f" (re-enqueued {retried})" if retried else " (not re-enqueued: retry limit reached)")
         )
+    lines.extend(status.halving)
     if status.front:
         names = list(status.front[0].values)
         lines.append(f"feasible Pareto front ({len(status.front)} trials):")
