@@ -23,6 +23,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "DownstreamConfig",
     "EvalConfig",
     "LossConfig",
     "ModelConfig",
@@ -195,6 +196,49 @@ class EvalConfig:
 
 
 @dataclass
+class DownstreamConfig:
+    """SRDRN (Wang et al. 2021) trained without and with cVAE-generated pairs, scored on the
+    held-out test split (``cvae-search downstream``). Both arms share seeds and budget."""
+
+    channels: int = _num(64, 1)
+    n_res_blocks: int = _num(16, 0, 64)
+    upsample: Literal["pixel_shuffle", "resize_conv"] = "pixel_shuffle"
+    """``pixel_shuffle`` per prime factor of the upscale factor, or nearest resize + convolution."""
+    loss: Literal["weighted_mae", "pinball"] = "weighted_mae"
+    """``weighted_mae``: the cVAE's intensity weighting (``loss`` section) in mm/day.
+    ``pinball``: one output head per entry of ``quantiles``."""
+    quantiles: list[float] = field(default_factory=lambda: [0.5, 0.9, 0.99])
+    budget: Literal["steps", "epochs"] = "steps"
+    """``steps``: both arms take ``steps`` optimiser steps (the same batches of real pairs).
+    ``epochs``: both arms see the real pairs ``epochs`` times, so the augmented arm takes
+    more steps; "more data" and "more steps" are then not separated."""
+    steps: int = _num(2000, 1)
+    epochs: int = _num(30, 1)
+    batch_size: int = _num(32, 1)
+    """Real pairs per batch; the augmented arm adds ``round(ratio * batch_size)`` generated ones."""
+    lr: float = _num(1e-3, 0.0, lo_open=True)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    n_generated: int = _num(4, 1)
+    """K: fields drawn from the cVAE's prior per augmented training day."""
+    ratio: float = _num(1.0, 0.0, lo_open=True)
+    """Generated pairs per real pair in a batch of the augmented arm."""
+    augment_days: Literal["all", "heavy"] = "all"
+    heavy_quantile: float = _num(0.95, 0.0, 1.0)
+    """``heavy``: augment the training days whose domain-mean precipitation is above this
+    quantile of the training split's daily domain means."""
+    threshold_quantiles: list[float] = field(default_factory=lambda: [0.95, 0.99])
+    """Heavy-rain thresholds: these quantiles of the training split's wet-cell intensities."""
+    thresholds_mm: list[float] = field(default_factory=list)
+    """Fixed heavy-rain thresholds, mm/day, besides the quantile ones."""
+    selection: Literal["best_val", "last"] = "best_val"
+    """The weights scored: the lowest validation loss seen (checked ``val_checks`` times) or the last."""
+    val_checks: int = _num(10, 1)
+    temperature: float = _num(1.0, 0.0, lo_open=True)
+    """Prior temperature of the generated fields."""
+    batch_size_eval: int = _num(64, 1)
+
+
+@dataclass
 class Normalization:
     """Statistics fitted on the training split only; carried with checkpoints and exports."""
 
@@ -217,6 +261,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     normalization: Normalization | None = None
     """Set by export (the trial's fitted statistics); ``None`` fits them on the training split."""
 
@@ -375,6 +420,21 @@ def _check_consistency(cfg: Config, source: str) -> None:
                 raise _fail(source, f"data.split.{name}", "[start, end] dates for every split", p)
     if len(s.fractions) != 3 or any(x < 0 for x in s.fractions) or abs(sum(s.fractions) - 1) > 1e-6:
         raise _fail(source, "data.split.fractions", "three non-negative fractions summing to 1", s.fractions)
+    ds = cfg.downstream
+    if not ds.seeds or len(set(ds.seeds)) != len(ds.seeds) or any(v < 0 for v in ds.seeds):
+        raise _fail(source, "downstream.seeds", "distinct non-negative seeds, at least one", ds.seeds)
+    for name in ("quantiles", "threshold_quantiles"):
+        qs = getattr(ds, name)
+        if any(not 0 < q < 1 for q in qs) or len(set(qs)) != len(qs) or sorted(qs) != qs:
+            raise _fail(source, f"downstream.{name}", "increasing distinct values in (0, 1)", qs)
+    if ds.loss == "pinball" and not ds.quantiles:
+        raise _fail(source, "downstream.quantiles", "at least one quantile for the pinball loss", ds.quantiles)
+    if any(t <= 0 for t in ds.thresholds_mm):
+        raise _fail(source, "downstream.thresholds_mm", "positive mm/day thresholds", ds.thresholds_mm)
+    if not ds.threshold_quantiles and not ds.thresholds_mm:
+        raise _fail(
+            source, "downstream.threshold_quantiles", "a threshold (or downstream.thresholds_mm)", []
+        )
     if cfg.loss.w_min > cfg.loss.w_max:
         raise _fail(source, "loss.w_min", f"a value <= loss.w_max ({cfg.loss.w_max})", cfg.loss.w_min)
     syn = d.synthetic

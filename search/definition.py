@@ -285,7 +285,7 @@ class StudyDefinition:
         return params
 
 
-_LATER_FIELDS = ("data.missing_predictors", "train.threads")
+_LATER_FIELDS = ("data.missing_predictors", "train.threads", "downstream")
 """Config fields added after studies were first stored: at their default they are left out of
 the stored definition, so those studies (and caches keyed by their digest) keep their digest."""
 
