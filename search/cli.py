@@ -1,5 +1,5 @@
-"""The ``cvae-search`` command line: train, sample, create, worker, status, export, report,
-demo, dashboard and proxy. The only layer that prints; everything else logs."""
+"""The ``cvae-search`` command line: train, sample, create, worker, status, export, downstream,
+report, demo, dashboard and proxy. The only layer that prints; everything else logs."""
 
 from __future__ import annotations
 
@@ -158,14 +158,14 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return run_workers(plans, child_args, index_offset=args.worker_index, env=env)
 
 
-def _open(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
-    """The study named on the command line: (study, definition, storage, url)."""
+def _open(args: argparse.Namespace, name: str | None = None) -> tuple[Any, Any, Any, str]:
+    """The study named on the command line (or ``name``): (study, definition, storage, url)."""
     from search.storage import open_storage, resolve_storage_url
     from search.study import load_study
 
     url = resolve_storage_url(args.storage)
     storage = open_storage(url, create=False)
-    study, definition = load_study(args.study, storage)
+    study, definition = load_study(name or args.study, storage)
     return study, definition, storage, url
 
 
@@ -195,6 +195,73 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out = export_trial(study, definition, trial, Path(args.output), storage_url=url, rule=rule, verify=verify)
     print(f"exported trial {trial.number} ({rule}) to {out}; train it with: cvae-search train {out} -o run/")
     return 0
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _cmd_downstream(args: argparse.Namespace) -> int:
+    target, out = Path(args.target), Path(args.output)
+    study_only = {"--front": args.front, "--trial": args.trial is not None, "--top": args.top is not None}
+    if target.suffix in (".pt", ".yaml", ".yml") or target.is_file():
+        if not target.is_file():
+            raise FileNotFoundError(
+                f"{target}: no such file; expected a checkpoint .pt, a config YAML or a study name"
+            )
+        given = [flag for flag, on in study_only.items() if on]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only for a study; {target} is a file")
+        result = _downstream_file(target, out)
+        print(result.table())
+        print(f"\noutputs in {out}")
+        return 0
+    if args.front == (args.trial is not None):
+        raise ValueError(f"{args.target}: a study takes --front or --trial N (one of them)")
+    return _downstream_study(args, out)
+
+
+def _downstream_file(target: Path, out: Path) -> Any:
+    from model.downstream import downstream_for_checkpoint, downstream_for_config
+
+    if target.suffix == ".pt":
+        return downstream_for_checkpoint(target, out_dir=out, source=str(target), progress=_stderr)
+    from model.config import load_config
+
+    return downstream_for_config(load_config(target), out_dir=out, source=str(target), progress=_stderr)
+
+
+def _downstream_study(args: argparse.Namespace, out: Path) -> int:
+    from search.downstream_stage import format_ranking, run_stage, stage_trials
+
+    study, definition, _, _ = _open(args, args.target)
+    trials = stage_trials(study, definition, top=args.top, trial=args.trial, baselines=not args.no_baselines)
+    report = run_stage(
+        study,
+        definition,
+        trials,
+        artifact_dir=_artifact_dir(args.artifact_dir),
+        out_dir=out,
+        progress=_stderr,
+    )
+    for t in report.trials:
+        record = report.records.get(t.number)
+        baseline = t.user_attrs.get("baseline")
+        label = f"trial {t.number}" + (f" ({baseline})" if baseline else "")
+        if record is None:
+            print(f"{label}: no result (its evaluation failed in another process)\n")
+            continue
+        how = (
+            f"already evaluated at {record.get('at')}; skipped"
+            if t.number in report.skipped
+            else "evaluated now"
+            if t.number in report.evaluated
+            else "evaluated by another process"
+        )
+        print(f"{label}: {how}; {record.get('file')}\n{record.get('table', '')}\n")
+    if args.front:
+        print(format_ranking(report, args.rank_by))
+    return 0 if not report.missing else 1
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -322,6 +389,42 @@ def _parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("-o", "--output", required=True, help="YAML file to write")
     sp.add_argument("--verify", type=int, default=0, metavar="N", help="retrain with N other seeds first")
+
+    sp = command(
+        "downstream",
+        _cmd_downstream,
+        "SRDRN trained without and with a cVAE's generated data, scored on the test split",
+    )
+    sp.add_argument(
+        "target",
+        metavar="TARGET",
+        help="a cVAE checkpoint .pt, a config YAML (an export; its cVAE is trained first), or a study name",
+    )
+    storage(sp)
+    group = sp.add_mutually_exclusive_group()
+    group.add_argument(
+        "--front", action="store_true", help="a study: every feasible Pareto trial, then the baselines"
+    )
+    group.add_argument("--trial", type=int, help="a study: this trial only")
+    sp.add_argument(
+        "--top",
+        type=int,
+        metavar="N",
+        help="with --front: only the N front trials nearest the ideal point (the knee's order)",
+    )
+    sp.add_argument("--no-baselines", action="store_true", help="with --front: leave out the baselines")
+    sp.add_argument(
+        "--rank-by",
+        default="verdicts",
+        metavar="RANK",
+        help="with --front, rank the results by verdicts (default: the count of 'better' verdicts "
+        "minus 'worse' ones, ties by trial number) or by a gain, downstream_<key>_gain",
+    )
+    sp.add_argument("-o", "--output", default="downstream", help="output folder (default: downstream)")
+    sp.add_argument(
+        "--artifact-dir",
+        help="where the study's checkpoints are (default: $CVAE_SEARCH_ARTIFACTS or ./cvae-search-artifacts)",
+    )
 
     sp = command("report", _cmd_report, "Pareto front, hypervolume history, importances and a CSV of trials")
     sp.add_argument("study")

@@ -44,6 +44,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from search.definition import StudyDefinition
+from search.downstream_stage import DOWNSTREAM_ATTR, downstream_gains, downstream_records
 from search.export import EXPORTED_ATTR
 from search.report import diagnosis, feasible, hypervolume_history, pareto_layers
 from search.storage import open_storage
@@ -77,8 +78,6 @@ VIEWS_ATTR = "cvae_search:dashboard"
 FRONT_PLOT = "cvae-search-front"
 HYPERVOLUME_PLOT = "cvae-search-hypervolume"
 DOWNSTREAM_PLOT = "cvae-search-downstream"
-DOWNSTREAM_ATTR = "downstream"
-"""User attribute of a trial evaluated downstream: ``{"gains": {"downstream_<metric>_gain": x}}``."""
 _PACKAGES = {"optuna_dashboard": "optuna-dashboard", "psycopg2": "psycopg2-binary"}
 
 
@@ -300,30 +299,24 @@ def hypervolume_figure(study: optuna.Study, definition: StudyDefinition) -> Any:
     return fig
 
 
-def _gains(trial: FrozenTrial) -> dict[str, float]:
-    record = trial.user_attrs.get(DOWNSTREAM_ATTR)
-    gains = record.get("gains") if isinstance(record, dict) else None
-    if not isinstance(gains, dict):
-        return {}
-    return {k: float(v) for k, v in gains.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
 def downstream_figure(study: optuna.Study) -> Any | None:
-    """Each recorded downstream gain, per trial that recorded them; ``None`` when none did."""
+    """Each recorded downstream gain (:func:`search.downstream_stage.downstream_records`), per
+    trial that has them; ``None`` when none has."""
     import plotly.graph_objects as go
 
-    trials = [t for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number) if _gains(t)]
+    recorded = {n: downstream_gains(r) for n, r in downstream_records(study).items()}
+    trials = [t for t in study.get_trials(deepcopy=False) if recorded.get(t.number)]
     if not trials:
         return None
-    metrics = sorted({k for t in trials for k in _gains(t)})
+    metrics = sorted({k for t in trials for k in recorded[t.number]})
     labels = [m.removeprefix("downstream_").removesuffix("_gain") for m in metrics]
     fig = go.Figure()
     for t in trials:
-        gains = _gains(t)
+        gains = recorded[t.number]
         name = f"#{t.number}" + (f" {t.user_attrs[BASELINE_ATTR]}" if t.user_attrs.get(BASELINE_ATTR) else "")
         fig.add_trace(go.Bar(x=labels, y=[gains.get(m) for m in metrics], name=name))
     fig.update_layout(
-        title={"text": "Downstream gains of the generated data, per trial (user attribute downstream.gains)"},
+        title={"text": "Downstream gains of the generated data, per trial (cvae-search downstream)"},
         barmode="group",
         yaxis={"title": {"text": "gain"}, "zeroline": True},
         margin={"l": 60, "r": 20, "t": 50, "b": 50},

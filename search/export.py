@@ -9,14 +9,16 @@ constraint) is ever picked from. Pick rules:
     (0, ..., 0) wins. Ties go to the lowest trial number.
 ``max:<metric>`` / ``min:<metric>``
     The front's best trial on one objective (or any metric recorded with the trials, e.g.
-    ``max:diversity``). Ties go to the lowest trial number.
+    ``max:diversity``, or a gain recorded by ``cvae-search downstream``, e.g.
+    ``max:downstream_csi_p99_gain``). Ties go to the lowest trial number.
 ``max:<metric>@<other><=<bound>`` (also ``>=``, and ``min:`` alike)
     As above, among the front's trials whose ``<other>`` (an objective or any recorded
     metric) lies within the bound, e.g. ``max:diversity@ks_stat<=0.1``.
 
 The export is a YAML config in the training schema plus a ``provenance`` block saying where
-it came from. It sets ``train.threads`` to the CPU threads the trial trained with and records
-what else its values depend on (``provenance.reproduction``, :mod:`search.reproduce`), so that
+it came from (with the trial's downstream table and gains, when it has them). It sets
+``train.threads`` to the CPU threads the trial trained with and records what else its values
+depend on (``provenance.reproduction``, :mod:`search.reproduce`), so that
 ``cvae-search train`` of the export reproduces the trial's objective values on the CPU.
 :func:`verify_trial` retrains it with other seeds, so a lucky point is seen before production
 training.
@@ -39,6 +41,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from model.config import Config, Normalization, save_config
 from search.definition import StudyDefinition
+from search.downstream_stage import downstream_gains, downstream_records
 from search.reproduce import reproduction_record, trial_threads
 from search.storage import redact
 from search.study import BASELINE_ATTR
@@ -49,6 +52,7 @@ __all__ = [
     "NoFeasibleTrial",
     "VerifyResult",
     "export_trial",
+    "knee_order",
     "pick_trial",
     "trial_config",
     "verify_trial",
@@ -96,11 +100,14 @@ class VerifyResult:
         }
 
 
-def _metric_value(definition: StudyDefinition, trial: FrozenTrial, name: str) -> float:
-    """An objective's value, else a metric recorded with the trial; NaN when neither exists."""
+def _metric_value(
+    definition: StudyDefinition, trial: FrozenTrial, name: str, gains: dict[int, dict[str, float]]
+) -> float:
+    """An objective's value, else a metric recorded with the trial, else a downstream gain
+    recorded for it (``gains``, by trial number); NaN when none exists."""
     if name in definition.metric_names and trial.values is not None:
         return float(trial.values[definition.metric_names.index(name)])
-    value = (trial.user_attrs.get("metrics") or {}).get(name)
+    value = (trial.user_attrs.get("metrics") or {}).get(name, gains.get(trial.number, {}).get(name))
     return float(value) if isinstance(value, (int, float)) else math.nan
 
 
@@ -131,7 +138,14 @@ def _front(study: optuna.Study) -> list[FrozenTrial]:
     return front
 
 
-def _knee(definition: StudyDefinition, front: list[FrozenTrial]) -> FrozenTrial:
+def knee_order(study: optuna.Study, definition: StudyDefinition) -> list[FrozenTrial]:
+    """The feasible front, nearest the ideal point first (the ``knee`` rule's distance; ties by
+    trial number).
+
+    Raises:
+        NoFeasibleTrial: The study has no feasible complete trial.
+    """
+    front = _front(study)
     signs = [-1.0 if d == "maximize" else 1.0 for d in definition.directions]
     points = [[s * v for s, v in zip(signs, t.values, strict=True)] for t in front]
     lows = [min(col) for col in zip(*points, strict=True)]
@@ -141,7 +155,8 @@ def _knee(definition: StudyDefinition, front: list[FrozenTrial]) -> FrozenTrial:
         scaled = [(v - lo) / (hi - lo) if hi > lo else 0.0 for v, lo, hi in zip(p, lows, highs, strict=True)]
         return math.hypot(*scaled)
 
-    return min(zip(front, points, strict=True), key=lambda tp: (distance(tp[1]), tp[0].number))[0]
+    ranked = sorted(zip(front, points, strict=True), key=lambda tp: (distance(tp[1]), tp[0].number))
+    return [t for t, _ in ranked]
 
 
 def _parse_rule(rule: str) -> re.Match[str]:
@@ -172,14 +187,22 @@ def pick_trial(study: optuna.Study, definition: StudyDefinition, rule: str = "kn
             satisfies the rule's bound.
     """
     if rule.strip() == "knee":
-        return _knee(definition, _front(study))
+        return knee_order(study, definition)[0]
     match = _parse_rule(rule)
     front = _front(study)
+    gains = {n: downstream_gains(r) for n, r in downstream_records(study).items()}
+
+    def value_of(trial: FrozenTrial, name: str) -> float:
+        return _metric_value(definition, trial, name, gains)
+
     metric, other = match["metric"], match["other"]
     for name in filter(None, (metric, other)):
-        if all(math.isnan(_metric_value(definition, t, name)) for t in front):
+        if all(math.isnan(value_of(t, name)) for t in front):
             known = sorted(
-                set(definition.metric_names).union(*((t.user_attrs.get("metrics") or {}) for t in front))
+                set(definition.metric_names).union(
+                    *((t.user_attrs.get("metrics") or {}) for t in front),
+                    *(gains.get(t.number, {}) for t in front),
+                )
             )
             raise ValueError(
                 f"pick rule {rule!r}: no front trial has a value for {name!r} (known: {', '.join(known)})"
@@ -188,15 +211,15 @@ def pick_trial(study: optuna.Study, definition: StudyDefinition, rule: str = "kn
     if other is not None:
         bound = float(match["bound"])
         within = (lambda v: v <= bound) if match["op"] == "<=" else (lambda v: v >= bound)
-        candidates = [t for t in front if within(_metric_value(definition, t, other))]
+        candidates = [t for t in front if within(value_of(t, other))]
         if not candidates:
-            seen = sorted(_metric_value(definition, t, other) for t in front)
+            seen = sorted(value_of(t, other) for t in front)
             raise NoFeasibleTrial(
                 f"pick rule {rule!r}: no trial on the feasible front has {other}{match['op']}{bound:g} "
                 f"(the front's {other} ranges over {seen[0]:.4g}..{seen[-1]:.4g})"
             )
     sign = -1.0 if match["sense"] == "max" else 1.0
-    scored = [(sign * _metric_value(definition, t, metric), t.number, t) for t in candidates]
+    scored = [(sign * value_of(t, metric), t.number, t) for t in candidates]
     finite = [s for s in scored if not math.isnan(s[0])]
     if not finite:
         raise NoFeasibleTrial(
@@ -254,6 +277,9 @@ def _provenance(
     }
     if verify is not None:
         provenance["verify"] = verify.to_dict()
+    downstream = downstream_records(study).get(trial.number)
+    if downstream is not None:
+        provenance["downstream"] = downstream
     return provenance
 
 

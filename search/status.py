@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import TrialState
 
 from search.definition import StudyDefinition
+from search.downstream_stage import downstream_gains, downstream_records
 from search.halving import halving_summary
 from search.storage import reap_stale_trials
+from search.study import BASELINE_ATTR
 
 __all__ = ["FrontTrial", "RunningTrial", "StudyStatus", "format_status", "study_status"]
 
@@ -53,6 +56,10 @@ class StudyStatus:
     grace_period_s: int | None = None
     halving: list[str] = field(default_factory=list)
     """Per rung, trials that reached it and were halved there; the latest halved, with why."""
+    downstream: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Trial number -> its downstream result (:func:`search.downstream_stage.downstream_records`)."""
+    baselines: dict[int, str] = field(default_factory=dict)
+    """Trial number -> baseline name, for the study's baseline trials."""
 
     @property
     def finished(self) -> int:
@@ -128,7 +135,29 @@ def study_status(study: optuna.Study, definition: StudyDefinition, storage: Base
         reenqueued=reenqueued,
         grace_period_s=storage.grace_period if isinstance(storage, RDBStorage) else None,
         halving=halving_summary(trials, definition.halving.rungs or []) if definition.halving else [],
+        downstream=downstream_records(study),
+        baselines={t.number: t.user_attrs[BASELINE_ATTR] for t in trials if t.user_attrs.get(BASELINE_ATTR)},
     )
+
+
+MAIN_GAINS = 4
+"""Gains shown per trial by ``status``: those whose verdict is not "within noise", largest first."""
+
+
+def _downstream_line(number: int, baseline: str | None, record: dict[str, Any]) -> str:
+    gains = downstream_gains(record)
+    verdicts = record.get("verdicts") or {}
+    counts = {v: list(verdicts.values()).count(v) for v in ("better", "worse", "within noise")}
+    decided = sorted(
+        (k for k in gains if verdicts.get(k) in ("better", "worse")), key=lambda k: -abs(gains[k])
+    )
+    shown = ", ".join(
+        f"{k.removeprefix('downstream_').removesuffix('_gain')} {gains[k]:+.3g} ({verdicts[k]})"
+        for k in decided[:MAIN_GAINS]
+    )
+    label = f"#{number}" + (f" ({baseline})" if baseline else "")
+    tally = ", ".join(f"{n} {v}" for v, n in counts.items())
+    return f"  {label:<10} {tally}" + (f"; {shown}" if shown else "; no gain beyond noise")
 
 
 def format_status(status: StudyStatus) -> str:
@@ -156,6 +185,10 @@ def format_status(status: StudyStatus) -> str:
             lines.append("  " + "  ".join([label.ljust(7), *(f"{f.values[n]:12.4g}" for n in names)]))
     else:
         lines.append("feasible Pareto front: empty (no complete trial satisfies every constraint yet)")
+    if status.downstream:
+        lines.append(f"downstream (cvae-search downstream; {len(status.downstream)} trials):")
+        for number, record in sorted(status.downstream.items()):
+            lines.append(_downstream_line(number, status.baselines.get(number), record))
     if status.running:
         lines.append("running:")
         for r in status.running:

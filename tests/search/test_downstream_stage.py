@@ -1,0 +1,167 @@
+"""The downstream stage's claims (each trial evaluated once, by one process, a dead process's
+claim taken over), its records and the readers of them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search.downstream_stage import (
+    RECORD_ATTR_PREFIX,
+    SOURCE_ATTR,
+    claim_next,
+    downstream_records,
+    enqueue_claims,
+    process_claims,
+    queue_study,
+    stage_trials,
+)
+from search.storage import open_storage
+from tests.conftest import CliProcesses
+from tests.search.constructed_studies import (
+    add_trial,
+    make_definition,
+    new_study,
+    run_baseline,
+    story_baselines,
+)
+
+
+def _study(url: str) -> tuple[optuna.Study, list[int]]:
+    """A constructed study (no training) with six complete trials."""
+    definition = make_definition(name=f"claims-{uuid.uuid4().hex[:8]}")
+    study = new_study(definition, open_storage(url))
+    numbers = [add_trial(study, definition, [0.1 * i, 0.5]).number for i in range(6)]
+    return study, numbers
+
+
+def _claimer(cli: CliProcesses, url: str, study: optuna.Study, log: Path, hold_s: float, numbers: list[int]):
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.search.downstream_claimer",
+            url,
+            study.study_name,
+            str(log),
+            str(hold_s),
+            *map(str, numbers),
+        ],
+        env=cli.env,
+        start_new_session=True,
+    )
+
+
+def _claimed(log: Path) -> list[int]:
+    return [int(n) for n in log.read_text().split()] if log.exists() else []
+
+
+def test_two_processes_never_evaluate_a_trial_twice(pg_url: str, cli: CliProcesses, tmp_path: Path) -> None:
+    study, numbers = _study(pg_url)
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [_claimer(cli, pg_url, study, log, 0.3, numbers) for log in logs]
+    cli.started.extend(procs)
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0
+    claimed = _claimed(logs[0]) + _claimed(logs[1])
+    assert Counter(claimed) == Counter(numbers), claimed
+    queue = queue_study(study)
+    states = Counter(t.state for t in queue.get_trials(deepcopy=False))
+    assert states == {TrialState.COMPLETE: len(numbers)}
+
+
+def _wait_for(log: Path, n: int, what: str) -> list[int]:
+    deadline = time.monotonic() + 60
+    while len(_claimed(log)) < n:
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+    return _claimed(log)
+
+
+def test_a_killed_process_does_not_hold_its_trial(pg_url: str, cli: CliProcesses, tmp_path: Path) -> None:
+    study, numbers = _study(pg_url)
+    first, second = tmp_path / "killed.log", tmp_path / "survivor.log"
+    stuck = _claimer(cli, pg_url, study, first, 600, numbers[:2])
+    cli.started.append(stuck)
+    held = _wait_for(first, 1, "the first process never claimed a trial")[0]
+    survivor = _claimer(cli, pg_url, study, second, 0.0, numbers[:2])
+    cli.started.append(survivor)
+    # The survivor takes the other trial, then waits on the live claim rather than taking it.
+    assert _wait_for(second, 1, "the second process never claimed the free trial") == [
+        n for n in numbers[:2] if n != held
+    ]
+    time.sleep(2.0)
+    assert survivor.poll() is None and len(_claimed(second)) == 1, "a live claim is not taken over"
+    cli.kill_group(stuck)
+    assert survivor.wait(timeout=60) == 0
+    assert sorted(_claimed(second)) == sorted(numbers[:2]), "the dead process's trial was taken over"
+    queue = queue_study(study)
+    failed = [t for t in queue.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
+    assert [t.user_attrs[SOURCE_ATTR] for t in failed] == [held]
+    assert failed[0].user_attrs["fail_reason"].startswith("stale")
+
+
+def test_claims_are_enqueued_once_and_a_failed_one_is_offered_again(tmp_path: Path) -> None:
+    study, numbers = _study(f"sqlite:///{tmp_path / 'study.db'}")
+    queue = queue_study(study)
+    assert enqueue_claims(queue, numbers) == numbers
+    assert enqueue_claims(queue, numbers) == [], "a waiting claim is not enqueued twice"
+
+    first = claim_next(queue, numbers[::-1])
+    assert first is not None and first.user_attrs[SOURCE_ATTR] == numbers[-1], "claims go in the order asked"
+    assert first.state == TrialState.RUNNING
+    queue._storage.set_trial_state_values(first._trial_id, TrialState.COMPLETE)
+
+    def fail_on_two(number: int) -> None:
+        if number == numbers[2]:
+            raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        process_claims(queue, numbers, fail_on_two)
+    by_state = {
+        s: [t.user_attrs[SOURCE_ATTR] for t in queue.get_trials(deepcopy=False, states=(s,))]
+        for s in TrialState
+    }
+    assert sorted(by_state[TrialState.COMPLETE]) == [numbers[0], numbers[1], numbers[-1]]
+    assert by_state[TrialState.FAIL] == [numbers[2]]
+    assert enqueue_claims(queue, numbers) == [numbers[2]], "only the failed trial is offered again"
+
+
+def test_a_stage_result_is_read_by_number_beside_a_trials_own(tmp_path: Path) -> None:
+    study, numbers = _study(f"sqlite:///{tmp_path / 'study.db'}")
+    definition = make_definition()
+    own = add_trial(
+        study, definition, [0.05, 0.9], user_attrs={"downstream": {"gains": {"downstream_x_gain": 1.0}}}
+    )
+    study._storage.set_study_system_attr(
+        study._study_id, f"{RECORD_ATTR_PREFIX}{numbers[1]}", {"gains": {"downstream_x_gain": 2.0}}
+    )
+    assert downstream_records(study) == {
+        own.number: {"gains": {"downstream_x_gain": 1.0}},
+        numbers[1]: {"gains": {"downstream_x_gain": 2.0}},
+    }
+
+
+def test_the_stage_takes_the_front_in_knee_order_then_the_baselines(tmp_path: Path) -> None:
+    definition = make_definition(baselines=story_baselines())
+    study = new_study(definition, open_storage(f"sqlite:///{tmp_path / 'study.db'}"))
+    v3 = run_baseline(study, definition, [0.95, 0.9]).number  # on the front
+    v4 = run_baseline(study, definition, [0.01, 0.99]).number  # dominated
+    knee = add_trial(study, definition, [0.5, 0.2]).number
+    other = add_trial(study, definition, [0.1, 0.05]).number
+    add_trial(study, definition, [0.4, 0.5])  # dominated
+    front = [t.number for t in stage_trials(study, definition, baselines=False)]
+    assert front[0] == knee and sorted(front) == sorted([v3, knee, other])
+    assert [t.number for t in stage_trials(study, definition)] == [*front, v4], "v3 is not taken twice"
+    assert [t.number for t in stage_trials(study, definition, top=1)] == [knee, v3, v4]
+    assert [t.number for t in stage_trials(study, definition, trial=other)] == [other]
+    with pytest.raises(ValueError, match="no complete trial 99"):
+        stage_trials(study, definition, trial=99)
