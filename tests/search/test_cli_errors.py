@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from search.cli import EXIT_USAGE, main
+from search.storage import open_storage
 from tests.conftest import CliProcesses, tiny_config_dict
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
@@ -122,6 +123,7 @@ def test_a_storage_url_that_cannot_work_is_one_line(
 
 READ_ONLY = {
     "status": [],
+    "downstream": ["--front"],
     "export": ["-o", "best.yaml"],
     "report": ["-o", "report"],
     "worker": [],
@@ -154,3 +156,34 @@ def test_as_separate_processes_the_errors_are_one_line_without_a_traceback(
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith(f"cvae-search {argv[0]}: error: "), done.stderr
     assert not (cli.logs / "typo").exists() and not (cli.logs / "out.nc").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["missing.pt"], "missing.pt: no such file; expected a checkpoint .pt, a config YAML or a study"),
+        (["cfg.yaml", "--front"], "--front: only for a study; cfg.yaml is a file"),
+        (["some-study", "--storage", "sqlite:///study.db"], "some-study: a study takes --front or --trial N"),
+    ],
+    ids=["missing_file", "front_on_a_file", "study_without_a_choice"],
+)
+def test_downstream_bad_targets_are_one_line(
+    args: list[str],
+    expected: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tiny_config_dict(1)))
+    assert expected in _error(capsys, ["downstream", *args])
+    assert not (tmp_path / "study.db").exists()
+
+
+def test_downstream_of_an_unknown_study_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    open_storage(url)  # an empty storage
+    line = _error(capsys, ["downstream", "no-such-study", "--front", "--storage", url])
+    assert "no study named 'no-such-study'" in line

@@ -12,6 +12,7 @@ from optuna.trial import FrozenTrial
 from model.config import Config, Normalization, load_config, with_overrides
 from model.trainer import train
 from search.definition import Collapse, Param, StudyDefinition
+from search.downstream_stage import RECORD_ATTR_PREFIX
 from search.export import NoFeasibleTrial, export_trial, pick_trial, verify_trial
 from search.objective import TrialObjective
 from search.storage import open_storage
@@ -295,3 +296,36 @@ def test_verify_retrains_with_each_seed(
         study, definition, trial, tmp_path / "best.yaml", storage_url="sqlite:///x.db", verify=result
     )
     assert _provenance(out)["verify"]["mean"] == pytest.approx(result.mean)
+
+
+def _record_downstream(study: optuna.Study, number: int, gains: dict[str, float]) -> dict:
+    record = {
+        "gains": gains,
+        "verdicts": {k: "better" if v > 0 else "worse" for k, v in gains.items()},
+        "table": f"metric  without  with  gain\ncsi_p99 table of trial {number}",
+        "file": f"/runs/trial-{number}/downstream.json",
+        "at": "2026-01-01T00:00:00+00:00",
+    }
+    study._storage.set_study_system_attr(study._study_id, f"{RECORD_ATTR_PREFIX}{number}", record)
+    return record
+
+
+def test_a_downstream_gain_picks_and_its_table_goes_into_the_provenance(tmp_path: Path) -> None:
+    definition = make_definition()
+    study = new_study(definition, sqlite_storage(tmp_path)[1])
+    a, b, c = (add_trial(study, definition, v) for v in ([0.1, 0.05], [0.5, 0.2], [0.9, 0.8]))
+    dominated = add_trial(study, definition, [0.4, 0.5])
+    gain = "downstream_csi_p99_gain"
+    _record_downstream(study, a.number, {gain: 0.02})
+    record = _record_downstream(study, c.number, {gain: 0.12, "downstream_rmse_gain": -0.01})
+    _record_downstream(study, dominated.number, {gain: 0.5})  # off the front: never picked
+    assert pick_trial(study, definition, f"max:{gain}").number == c.number
+    assert pick_trial(study, definition, f"min:{gain}").number == a.number
+    assert pick_trial(study, definition, f"max:{gain}@ks_stat<=0.5").number == a.number
+    with pytest.raises(ValueError, match="known: .*downstream_rmse_gain"):
+        pick_trial(study, definition, "max:downstream_nothing_gain")
+
+    out = export_trial(study, definition, c, tmp_path / "c.yaml", storage_url="sqlite://", rule="x")
+    assert _provenance(out)["downstream"] == record
+    out = export_trial(study, definition, b, tmp_path / "b.yaml", storage_url="sqlite://", rule="x")
+    assert "downstream" not in _provenance(out)

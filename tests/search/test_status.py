@@ -7,6 +7,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from search.downstream_stage import RECORD_ATTR_PREFIX
 from search.status import format_status, study_status
 from search.storage import StorageSettings, open_storage
 from tests.search.constructed_studies import (
@@ -55,6 +56,28 @@ def test_counts_and_front(tmp_path: Path) -> None:
     assert "feasible Pareto front (2 trials)" in text
     assert f"#{b.number} " in text and "0.45" in text
     assert "heartbeat" not in text
+    assert "downstream" not in text
+
+
+def test_status_shows_the_downstream_gains_beyond_noise(tmp_path: Path) -> None:
+    definition = make_definition(baselines=story_baselines())
+    study = new_study(definition, sqlite_storage(tmp_path)[1])
+    v3 = run_baseline(study, definition, [0.02, 0.9])
+    a = add_trial(study, definition, [0.5, 0.6])
+    gains = {"downstream_csi_p99_gain": 0.125, "downstream_rmse_gain": -0.5, "downstream_mae_gain": 0.001}
+    verdicts = {"downstream_csi_p99_gain": "better", "downstream_rmse_gain": "worse"}
+    verdicts["downstream_mae_gain"] = "within noise"
+    for trial in (v3, a):
+        study._storage.set_study_system_attr(
+            study._study_id, f"{RECORD_ATTR_PREFIX}{trial.number}", {"gains": gains, "verdicts": verdicts}
+        )
+    status = study_status(study, definition, study._storage)
+    assert set(status.downstream) == {v3.number, a.number}
+    lines = format_status(status).splitlines()
+    assert "downstream (cvae-search downstream; 2 trials):" in lines
+    line = next(x for x in lines if x.strip().startswith(f"#{v3.number} (v3)"))
+    assert "1 better, 1 worse, 1 within noise" in line
+    assert line.endswith("rmse -0.5 (worse), csi_p99 +0.125 (better)"), "noise is left out, largest first"
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
