@@ -322,6 +322,26 @@ def _check_generated(generated: GeneratedPairs, data: Dataset, device: torch.dev
     return GeneratedPairs(day=day, fine_mm=fine.float())
 
 
+def _gather(
+    coarse: Tensor,
+    obs_mm: Tensor,
+    mask: Tensor,
+    real: Tensor,
+    pool: GeneratedPairs | None,
+    drawn: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A batch's coarse inputs, fields and masks: the real days, then the drawn generated fields
+    with the coarse input and the mask of their own day."""
+    if pool is None or drawn is None:
+        return coarse[real], obs_mm[real], mask[real]
+    days = pool.day[drawn]
+    return (
+        torch.cat([coarse[real], coarse[days]]),
+        torch.cat([obs_mm[real], pool.fine_mm[drawn]]),
+        torch.cat([mask[real], mask[days]]),
+    )
+
+
 def _val_loss(model: SRDRN, data: Dataset, obs_mm: Tensor, mask: Tensor, cfg: Config, bf16: bool) -> Tensor:
     """Mean loss over every valid cell of the validation split, batched, on the device."""
     split, device = data.val, obs_mm.device
@@ -416,12 +436,7 @@ def train_srdrn(
     model.train()
     for step in range(1, steps + 1):
         real, drawn = batches.next()
-        coarse, obs, mask = train_split.coarse[real], obs_train[real], mask_train[real]
-        if drawn is not None and pool is not None:
-            days = pool.day[drawn]
-            coarse = torch.cat([coarse, train_split.coarse[days]])
-            obs = torch.cat([obs, pool.fine_mm[drawn]])
-            mask = torch.cat([mask, mask_train[days]])
+        coarse, obs, mask = _gather(train_split.coarse, obs_train, mask_train, real, pool, drawn)
         with autocast(device, bf16):
             loss = loss_fn(coarse, obs, mask)
         opt.zero_grad(set_to_none=True)
