@@ -196,14 +196,15 @@ def _loss_sum(
     pred_mm: Tensor, obs_mm: Tensor, mask: Tensor, cfg: Config, stats: Normalization
 ) -> tuple[Tensor, Tensor]:
     """The loss summed over valid cells (averaged over heads), and the number of valid cells."""
-    pred, m = pred_mm.float(), mask.unsqueeze(1)
+    # Both replaced by 0 on invalid cells before any arithmetic: their terms are 0 and no NaN
+    # there can reach a gradient (as it would through a product taken before the selection).
+    pred = torch.where(mask.unsqueeze(1), pred_mm.float(), 0.0)
     y = torch.where(mask, obs_mm.float(), 0.0).unsqueeze(1)
     n_valid = mask.sum()
     if cfg.downstream.loss == "weighted_mae":
         if pred.shape[1] != 1:
             raise ValueError(f"srdrn_loss: weighted_mae expects one output head, got {pred.shape[1]}")
-        w = intensity_weights(y, cfg.loss, stats)
-        return torch.where(m, w * (pred - y).abs(), 0.0).sum(), n_valid
+        return (intensity_weights(y, cfg.loss, stats) * (pred - y).abs()).sum(), n_valid
     qs = _quantiles(cfg)
     if pred.shape[1] != len(qs):
         raise ValueError(
@@ -212,7 +213,7 @@ def _loss_sum(
     total = pred.new_zeros(())
     for k, tau in enumerate(qs):  # Python floats: no tensor built on the host per step
         err = y[:, 0] - pred[:, k]
-        total = total + torch.where(mask, torch.maximum(tau * err, (tau - 1.0) * err), 0.0).sum()
+        total = total + torch.maximum(tau * err, (tau - 1.0) * err).sum()
     return total / len(qs), n_valid
 
 

@@ -177,7 +177,7 @@ def test_masked_cells_change_neither_the_loss_nor_its_gradient(loss: str) -> Non
     base, grad = loss_and_grad(pred, obs)
     invalid = ~mask
     obs2 = obs.masked_fill(invalid, float("nan"))
-    pred2 = pred.masked_fill(invalid.unsqueeze(1), 1e6)
+    pred2 = pred.masked_fill(invalid.unsqueeze(1), float("nan"))
     other, grad2 = loss_and_grad(pred2, obs2)
     assert torch.equal(base, other)
     assert torch.equal(grad, grad2)
@@ -288,8 +288,14 @@ def test_training_reduces_the_loss(data: Dataset) -> None:
 
 def test_same_seed_same_weights_and_an_empty_pool_is_no_pool(data: Dataset) -> None:
     cfg = tiny_config(**{"downstream.steps": 6, "downstream.val_checks": 2})
+    # The seed alone fixes the weights: the global random state neither matters nor moves.
+    torch.manual_seed(123)
     a = train_srdrn(cfg, data, seed=1, device=CPU)
+    after = torch.rand(3)
+    torch.manual_seed(456)
     b = train_srdrn(cfg, data, seed=1, device=CPU)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(3), after)
     empty = GeneratedPairs(
         day=torch.zeros(0, dtype=torch.long), fine_mm=torch.zeros(0, data.height, data.width)
     )
