@@ -79,6 +79,13 @@ class SyntheticConfig:
     with_mask: bool = False
     """Mark a corner of the grid as ocean (NaN) to exercise the mask-aware path."""
     seed: int = _num(0, 0)
+    storm_days: float = _num(0.0, 0.0, 1.0)
+    """Fraction of days with one compact convective storm added: rare heavy rain in the fine
+    field that the coarse block means only hint at (diluted over factor x factor cells)."""
+    storm_intensity: float = _num(80.0, 0.0, lo_open=True)
+    """Mean peak of a storm, mm/day (each peak is gamma-distributed, shape 2)."""
+    storm_radius: float = _num(2.0, 0.1)
+    """Gaussian radius of a storm, fine cells."""
 
 
 @dataclass
@@ -218,8 +225,9 @@ class DownstreamConfig:
     """Real pairs per batch; the augmented arm adds ``round(ratio * batch_size)`` generated ones."""
     lr: float = _num(1e-3, 0.0, lo_open=True)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    n_generated: int = _num(4, 1)
-    """K: fields drawn from the cVAE's prior per augmented training day."""
+    n_generated: int = _num(4, 0)
+    """K: fields drawn from the cVAE's prior per augmented training day (0: none, and the
+    augmented arm then trains exactly as the other)."""
     ratio: float = _num(1.0, 0.0, lo_open=True)
     """Generated pairs per real pair in a batch of the augmented arm."""
     augment_days: Literal["all", "heavy"] = "all"

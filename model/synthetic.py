@@ -2,7 +2,8 @@
 
 Each day is a Gaussian random field with a power-law spectrum. Its upper quantile is the wet
 area, and a rank transform maps the wet values onto a gamma distribution, so the heaviest rain
-sits in the storm cores. The per-day wet fraction and intensity vary, and fine-scale structure
+sits in the storm cores. Optionally (``storm_days``) rare compact convective storms add heavy
+rain that the coarse block means only hint at. The per-day wet fraction and intensity vary, and fine-scale structure
 is only partly fixed by the coarse block means: the detail a cVAE has to generate is genuinely
 uncertain given the coarse field.
 
@@ -41,6 +42,9 @@ _INTENSITY_SCALE_SHAPE = 4.0
 _OROGRAPHIC_GAIN = 0.25
 _OCEAN_CORNER = 1.45
 """Cells with normalised row + column above this are ocean: about 15% of the grid."""
+_STORM_FIELDS = ("storm_days", "storm_intensity", "storm_radius")
+_STORM_PEAK_SHAPE = 2.0
+_STORM_FLOOR_MM = 0.1
 _CHUNK_CELLS = 2**21
 """Days are generated in chunks of about this many cells, to bound memory."""
 
@@ -59,6 +63,9 @@ def synthetic_path(data: DataConfig) -> Path:
     if data.path:
         return Path(data.path).expanduser()
     key = dataclasses.asdict(data.synthetic)
+    if not data.synthetic.storm_days:  # sets made before storms existed keep their file
+        for name in _STORM_FIELDS:
+            del key[name]
     key["upscale_factor"] = data.upscale_factor
     key["generator_version"] = _GENERATOR_VERSION
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -142,6 +149,9 @@ def _generate(cfg: SyntheticConfig, factor: int) -> xr.Dataset:
             cfg.mean_intensity * intensity_scale[days, None, None] * orographic
         )
 
+    if cfg.storm_days:
+        _add_storms(cfg, pr)
+
     # Covariates are drawn from the unmasked field: like GCM fields, they exist over the ocean.
     pr_coarse_full = _block_mean(pr, factor)
     mask = _land_mask(h, w) if cfg.with_mask else np.ones((h, w), dtype=bool)
@@ -157,6 +167,24 @@ def _generate(cfg: SyntheticConfig, factor: int) -> xr.Dataset:
         noise = rng.standard_normal(signal.shape) * (0.3 * i * signal_std)
         covariates.append((weight * signal + noise).astype(np.float32))
     return _assemble(cfg, factor, pr, pr_coarse, elevation.astype(np.float32), covariates, mask)
+
+
+def _add_storms(cfg: SyntheticConfig, pr: np.ndarray) -> None:
+    """Add one Gaussian storm cell to a ``storm_days`` fraction of days, in place.
+
+    A generator of its own keeps the rest of the set identical to the set without storms.
+    """
+    rng = np.random.default_rng([cfg.seed, 1])
+    n, h, w = pr.shape
+    days = np.flatnonzero(rng.random(n) < cfg.storm_days)
+    peaks = rng.gamma(_STORM_PEAK_SHAPE, cfg.storm_intensity / _STORM_PEAK_SHAPE, size=len(days))
+    centres = rng.uniform((0, 0), (h, w), size=(len(days), 2))
+    rows, cols = np.arange(h)[:, None] + 0.5, np.arange(w)[None, :] + 0.5
+    for day, peak, (cy, cx) in zip(days, peaks, centres, strict=True):
+        d2 = (rows - cy) ** 2 + (cols - cx) ** 2
+        storm = peak * np.exp(-d2 / (2 * cfg.storm_radius**2))
+        # The Gaussian's far tail would leave traces of rain on every dry cell of the day.
+        pr[day] += np.where(storm >= _STORM_FLOOR_MM, storm, 0.0).astype(np.float32)
 
 
 def synthetic_skeleton(cfg: SyntheticConfig, factor: int) -> xr.Dataset:

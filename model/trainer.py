@@ -36,8 +36,10 @@ __all__ = [
     "TrainResult",
     "TrainingDiverged",
     "build_model",
+    "cpu_threads",
     "resolve_device",
     "train",
+    "use_bf16",
 ]
 
 _log = logging.getLogger(__name__)
@@ -122,7 +124,8 @@ def resolve_device(name: str, field: str = "train.device") -> torch.device:
     return torch.device(name)
 
 
-def _use_bf16(cfg: Config, device: torch.device) -> bool:
+def use_bf16(cfg: Config, device: torch.device) -> bool:
+    """``train.precision`` on ``device``: bf16 autocast or not."""
     if cfg.train.precision == "auto":
         return device.type == "cuda"
     if cfg.train.precision == "bf16" and device.type == "cpu":
@@ -173,12 +176,12 @@ def train(
     Raises:
         TrainingDiverged: A loss term became NaN or infinite.
     """
-    with _cpu_threads(cfg.train.threads):
+    with cpu_threads(cfg.train.threads):
         return _train(cfg, out_dir=out_dir, callbacks=callbacks, data=data)
 
 
 @contextlib.contextmanager
-def _cpu_threads(threads: int | None) -> Iterator[None]:
+def cpu_threads(threads: int | None) -> Iterator[None]:
     """``train.threads`` for the duration of one training run; the process's setting otherwise."""
     if threads is None:
         yield
@@ -200,7 +203,7 @@ def _train(
 ) -> TrainResult:
     t_start = time.perf_counter()
     device = resolve_device(cfg.train.device)
-    bf16 = _use_bf16(cfg, device)
+    bf16 = use_bf16(cfg, device)
     _reset_peak_memory(device)
     if data is None:
         data = load_data(cfg.data, cfg.normalization)

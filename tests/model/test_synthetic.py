@@ -177,3 +177,37 @@ def test_synthetic_path_is_the_same_in_another_process(
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "123"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(synthetic_path(DataConfig(synthetic=SMALL)))
+
+
+def test_storms_add_rare_compact_heavy_rain_and_leave_every_other_day_unchanged(tmp_path: Path) -> None:
+    plain = _make(tmp_path, factor=8, name="plain.nc")
+    stormy = _make(
+        tmp_path, dataclasses.replace(SMALL, storm_days=0.1, storm_intensity=150.0), factor=8, name="s.nc"
+    )
+    changed = np.flatnonzero(np.any(plain["pr"].values != stormy["pr"].values, axis=(1, 2)))
+    assert 0.03 * SMALL.n_days < len(changed) < 0.2 * SMALL.n_days
+    extra = stormy["pr"].values[changed] - plain["pr"].values[changed]
+    assert extra.min() >= 0
+    peak = extra.max(axis=(1, 2), keepdims=True)
+    assert np.all((extra > 0.1 * peak).sum(axis=(1, 2)) < 0.15 * 24 * 24)  # compact: a small part of the grid
+    assert np.median(extra.max(axis=(1, 2))) > 2 * np.quantile(plain["pr"].values, 0.99)
+    # The coarse input only hints: at factor 8 a storm's coarse block mean is far below its peak.
+    coarse_extra = stormy["pr_coarse"].values[changed] - plain["pr_coarse"].values[changed]
+    assert np.all(coarse_extra.max(axis=(1, 2)) < 0.5 * extra.max(axis=(1, 2)))
+
+
+def test_a_set_without_storms_keeps_the_cache_name_it_had_before_storms_existed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CVAE_SEARCH_CACHE", str(tmp_path))
+    settings = dataclasses.asdict(SMALL)
+    for name in ("storm_days", "storm_intensity", "storm_radius"):
+        del settings[name]
+    key = settings | {"upscale_factor": 4, "generator_version": 1}
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    assert synthetic_path(DataConfig(synthetic=SMALL)).name == f"synthetic-{digest}.nc"
+    assert synthetic_path(DataConfig(synthetic=dataclasses.replace(SMALL, storm_days=0.05))).name != (
+        f"synthetic-{digest}.nc"
+    )
