@@ -3,15 +3,19 @@ claim taken over), its records and the readers of them."""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from optuna.trial import TrialState
 
 from search.downstream_stage import (
@@ -25,7 +29,8 @@ from search.downstream_stage import (
     stage_trials,
 )
 from search.storage import open_storage
-from tests.conftest import CliProcesses
+from search.study import stored_definition
+from tests.conftest import CliProcesses, tiny_config_dict
 from tests.search.constructed_studies import (
     add_trial,
     make_definition,
@@ -165,3 +170,97 @@ def test_the_stage_takes_the_front_in_knee_order_then_the_baselines(tmp_path: Pa
     assert [t.number for t in stage_trials(study, definition, trial=other)] == [other]
     with pytest.raises(ValueError, match="no complete trial 99"):
         stage_trials(study, definition, trial=99)
+
+
+# --- end to end, with SRDRN ------------------------------------------------------------------------
+
+TINY_DOWNSTREAM = {
+    "downstream.channels": 4,
+    "downstream.n_res_blocks": 1,
+    "downstream.steps": 10,
+    "downstream.seeds": [0, 1],
+    "downstream.val_checks": 2,
+    "downstream.batch_size": 8,
+    "downstream.n_generated": 1,
+}
+
+
+def _lines_with(text: str, phrase: str) -> list[int]:
+    """Trial numbers of the output lines ``trial N ...: <phrase>``."""
+    return [int(m) for m in re.findall(rf"^trial (\d+)[^:\n]*: {phrase}", text, flags=re.MULTILINE)]
+
+
+def test_the_front_is_evaluated_once_by_two_processes_and_a_rerun_skips_it(
+    pg_url: str, cli: CliProcesses, tiny_study: Callable[..., Path], tmp_path: Path
+) -> None:
+    study_file = tiny_study("ds-front", n_trials=3, epochs=1, baselines={"v4": {"loss.beta_kl": 0.05}})
+    (study_file.parent / "tiny.yaml").write_text(yaml.safe_dump(tiny_config_dict(1, TINY_DOWNSTREAM)))
+    assert cli.run("create", str(study_file), "--storage", pg_url).returncode == 0
+    worker = cli.run("worker", "ds-front", "--storage", pg_url, "--artifact-dir", str(tmp_path / "a"))
+    assert worker.returncode == 0, worker.stderr[-2000:]
+
+    args = ("downstream", "ds-front", "--front", "--storage", pg_url, "--artifact-dir", str(tmp_path / "a"))
+    procs = [cli.start(*args, "-o", str(tmp_path / f"ds{i}"), name=f"ds{i}") for i in range(2)]
+    outputs = []
+    for proc in procs:
+        assert cli.wait(proc, timeout=300) == 0, cli.output(proc)[-3000:]
+        outputs.append(cli.output(proc))
+    study = optuna.load_study(study_name="ds-front", storage=open_storage(pg_url, create=False))
+    definition = stored_definition(study._storage, "ds-front")
+    wanted = sorted(t.number for t in stage_trials(study, definition))
+    now = [_lines_with(out, "evaluated now") for out in outputs]
+    assert sorted(now[0] + now[1]) == wanted, "each trial evaluated once, by one of the two processes"
+    records = downstream_records(study)
+    assert sorted(records) == wanted
+    for out in outputs:
+        assert "ranked by verdicts (best first):" in out
+        assert sorted(_lines_with(out, "evaluated (now|by another process)")) == wanted
+    claims = queue_study(study).get_trials(deepcopy=False)
+    assert sorted(t.user_attrs[SOURCE_ATTR] for t in claims) == wanted
+    assert {t.state for t in claims} == {TrialState.COMPLETE}
+    record = records[wanted[0]]
+    assert Path(record["file"]).is_file() and record["table"] and record["gains"]
+
+    rerun = cli.run(*args, "-o", str(tmp_path / "ds2"), timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert _lines_with(rerun.stdout, "already evaluated") == wanted
+    assert _lines_with(rerun.stdout, "evaluated now") == []
+    assert downstream_records(study) == records, "nothing evaluated again: every record as it was"
+    assert not (tmp_path / "ds2").exists()
+
+    status = cli.run("status", "ds-front", "--storage", pg_url)
+    assert f"downstream (cvae-search downstream; {len(wanted)} trials):" in status.stdout
+    gain = sorted(record["gains"])[0]
+    front = {t.number for t in study.best_trials}
+    best = max((n for n in wanted if n in front), key=lambda n: (records[n]["gains"][gain], -n))
+    out = tmp_path / "pick.yaml"
+    export = cli.run("export", "ds-front", "--storage", pg_url, "--pick", f"max:{gain}", "-o", str(out))
+    assert export.returncode == 0, export.stderr
+    provenance = yaml.safe_load(out.read_text())["provenance"]
+    assert provenance["trial"] == best
+    assert provenance["downstream"]["table"] == records[best]["table"]
+
+
+def test_downstream_of_an_export_and_of_a_checkpoint(cli: CliProcesses, tmp_path: Path) -> None:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**tiny_config_dict(1, TINY_DOWNSTREAM), "provenance": {"trial": 3}}))
+    from_config = cli.run("downstream", str(config), "-o", str(tmp_path / "from-config"), timeout=300)
+    assert from_config.returncode == 0, from_config.stderr[-2000:]
+    assert (tmp_path / "from-config" / "downstream.json").is_file()
+    assert (
+        "within noise" in from_config.stdout
+        or "better" in from_config.stdout
+        or "worse" in from_config.stdout
+    )
+
+    trained = cli.run("train", str(config), "-o", str(tmp_path / "run"), timeout=300)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    from_checkpoint = cli.run(
+        "downstream", str(tmp_path / "run" / "checkpoint.pt"), "-o", str(tmp_path / "from-ckpt"), timeout=300
+    )
+    assert from_checkpoint.returncode == 0, from_checkpoint.stderr[-2000:]
+    saved = json.loads((tmp_path / "from-ckpt" / "downstream.json").read_text())
+    assert set(saved["scores"]) == {"without", "with"}
+    assert from_checkpoint.stdout.splitlines()[0] == from_config.stdout.splitlines()[0], (
+        "the same table header"
+    )
