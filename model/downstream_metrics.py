@@ -104,7 +104,8 @@ def score_definitions(threshold_labels: Sequence[str]) -> dict[str, Score]:
 
 
 def _quantile_label(q: float) -> str:
-    return "p" + f"{round(q * 100, 6):g}".replace(".", "")
+    # :g keeps 6 significant digits, so 0.07 * 100 = 7.000000000000001 reads "p7".
+    return "p" + f"{q * 100:g}".replace(".", "")
 
 
 def _fixed_label(mm: float) -> str:
@@ -335,7 +336,7 @@ def verdict(gains_per_seed: Sequence[float], *, level: float = 0.05) -> Verdict:
     sign: Literal["better", "worse"] = "better" if mean > 0 else "worse"
     if gains.size < 2 or not np.isfinite(gains).all() or mean == 0:
         return Verdict(mean, spread, "within noise")
-    if (gains == gains[0]).all():
+    if (gains == gains[0]).all():  # the t statistic is ±inf, and SciPy warns of precision loss
         return Verdict(mean, spread, sign)
     significant = float(ttest_1samp(gains, 0.0).pvalue) < level
     return Verdict(mean, spread, sign if significant else "within noise")
