@@ -28,10 +28,18 @@ __all__ = [
     "Direction",
     "EvalData",
     "Metric",
+    "Pool",
     "collapse_probe",
     "compute_diagnostics",
     "compute_metrics",
     "get_metric",
+    "ks_2samp",
+    "make_pool",
+    "pool_quantile",
+    "power_spectrum",
+    "small_scale_power_ratio",
+    "standardize",
+    "wasserstein1",
 ]
 
 logger = logging.getLogger(__name__)
@@ -234,7 +242,7 @@ def _rank_hist_deviation(d: EvalData) -> Tensor:
 # --- correlations ---------------------------------------------------------------------------
 
 
-def _standardize(x: Tensor, mask: Tensor) -> Tensor:
+def standardize(x: Tensor, mask: Tensor) -> Tensor:
     """Centre each field on its valid cells and scale it to unit norm; constant fields become 0.
 
     Args:
@@ -256,8 +264,8 @@ def _standardize(x: Tensor, mask: Tensor) -> Tensor:
 def _standardized(d: EvalData) -> tuple[Tensor, Tensor]:
     n, k = d.samples.shape[:2]
     m = d.mask.reshape(n, 1, -1)
-    z_gen = _standardize(d.samples.reshape(n, k, -1), m)
-    z_obs = _standardize(d.obs.reshape(n, -1), m[:, 0])
+    z_gen = standardize(d.samples.reshape(n, k, -1), m)
+    z_obs = standardize(d.obs.reshape(n, -1), m[:, 0])
     return z_gen, z_obs
 
 
@@ -296,26 +304,36 @@ def _corr_gap(d: EvalData) -> Tensor:
 # --- pooled distributions -------------------------------------------------------------------
 
 
-class _Pool(NamedTuple):
+class Pool(NamedTuple):
     """Values sorted ascending, the ``n`` included ones first and ``+inf`` after them."""
 
     values: Tensor
     n: Tensor
 
 
-def _pool(x: Tensor, include: Tensor) -> _Pool:
+def make_pool(x: Tensor, include: Tensor) -> Pool:
+    """The values of ``x`` where ``include`` holds, as a :class:`Pool` (fixed shape, no sync).
+
+    Args:
+        x: Values of any shape.
+        include: Bool, the shape of ``x``.
+    """
     padded = torch.where(include, x, math.inf).flatten()
-    return _Pool(padded.sort().values, include.sum())
+    return Pool(padded.sort().values, include.sum())
 
 
-def _cdf(pool: _Pool, at: Tensor) -> Tensor:
+def _cdf(pool: Pool, at: Tensor) -> Tensor:
     """Empirical CDF of ``pool`` at ``at`` (right-continuous, as SciPy's searchsorted 'right')."""
     counts = torch.minimum(torch.searchsorted(pool.values, at, right=True), pool.n)
     return counts.to(_F64) / pool.n.clamp_min(1).to(_F64)
 
 
-def _ks(a: _Pool, b: _Pool) -> Tensor:
-    """[D, n_a, n_b] in float64; D of the two-sided two-sample KS test, 1 if a pool is empty."""
+def ks_2samp(a: Pool, b: Pool) -> Tensor:
+    """Two-sided two-sample KS statistic of two pools, with the sizes its p-value needs.
+
+    Returns:
+        [D, n_a, n_b] in float64; D is ``scipy.stats.ks_2samp``'s statistic, 1 if a pool is empty.
+    """
     at = torch.cat([a.values, b.values])
     included = torch.cat(
         [
@@ -340,7 +358,7 @@ def _ks_asymp_pvalue(values: list[float]) -> float:
     return float(np.clip(kstwo.sf(d, np.round(m * n / (m + n))), 0, 1))
 
 
-def _wasserstein1(a: _Pool, b: _Pool) -> Tensor:
+def wasserstein1(a: Pool, b: Pool) -> Tensor:
     """Integral of |F_a - F_b| over the merged support, as ``scipy.stats.wasserstein_distance``.
 
     An empty pool counts as all mass at 0 mm/day (no wet intensities), so a model that never
@@ -356,13 +374,13 @@ def _wasserstein1(a: _Pool, b: _Pool) -> Tensor:
     return torch.where(b.n == 0, _pool_mean(a), w)
 
 
-def _pool_mean(pool: _Pool) -> Tensor:
+def _pool_mean(pool: Pool) -> Tensor:
     included = torch.arange(pool.values.numel(), device=pool.values.device) < pool.n
     return torch.where(included, pool.values, 0.0).sum(dtype=_F64) / pool.n.clamp_min(1)
 
 
-def _quantile(pool: _Pool, q: float) -> Tensor:
-    """Linear-interpolation quantile (as ``torch.quantile``) of a pool; 0 mm/day if empty."""
+def pool_quantile(pool: Pool, q: float) -> Tensor:
+    """Linear-interpolation quantile (as ``torch.quantile``) of a pool, float64; 0 mm/day if empty."""
     pos = q * (pool.n.to(_F64) - 1).clamp_min(0)
     lo = pos.floor().long()
     hi = torch.minimum(lo + 1, (pool.n - 1).clamp_min(0))
@@ -373,27 +391,27 @@ def _quantile(pool: _Pool, q: float) -> Tensor:
 
 
 @_cached
-def _wet_pools(d: EvalData) -> tuple[_Pool, _Pool]:
-    gen = _pool(d.samples, d.mask[:, None] & (d.samples > d.wet_threshold))
-    obs = _pool(d.obs, d.mask & (d.obs > d.wet_threshold))
+def _wet_pools(d: EvalData) -> tuple[Pool, Pool]:
+    gen = make_pool(d.samples, d.mask[:, None] & (d.samples > d.wet_threshold))
+    obs = make_pool(d.obs, d.mask & (d.obs > d.wet_threshold))
     return gen, obs
 
 
 @_cached
 def _ks_wet(d: EvalData) -> Tensor:
-    return _ks(*_wet_pools(d))
+    return ks_2samp(*_wet_pools(d))
 
 
 def _quantile_error(q: float) -> Callable[[EvalData], Tensor]:
     def fn(d: EvalData) -> Tensor:
         gen, obs = _wet_pools(d)
-        return _quantile(gen, q) - _quantile(obs, q)
+        return pool_quantile(gen, q) - pool_quantile(obs, q)
 
     return fn
 
 
 def _wasserstein_wet(d: EvalData) -> Tensor:
-    return _wasserstein1(*_wet_pools(d))
+    return wasserstein1(*_wet_pools(d))
 
 
 def _wet_fraction_gen(d: EvalData) -> Tensor:
@@ -414,7 +432,7 @@ def _ks_daily_mean(d: EvalData) -> Tensor:
     gen_means = _samples(d).sum(dim=(2, 3), dtype=_F64) / cells.clamp_min(1)[:, None]
     obs_means = _obs(d).sum(dim=(1, 2), dtype=_F64) / cells.clamp_min(1)
     days = cells > 0
-    return _ks(_pool(gen_means, days[:, None].expand_as(gen_means)), _pool(obs_means, days))
+    return ks_2samp(make_pool(gen_means, days[:, None].expand_as(gen_means)), make_pool(obs_means, days))
 
 
 # --- power spectra --------------------------------------------------------------------------
@@ -430,32 +448,56 @@ def _power_sum(x: Tensor, mask: Tensor) -> Tensor:
     return power.reshape(-1, h, w).sum(dim=0, dtype=_F64)
 
 
-@_cached
-def _spectra(d: EvalData) -> tuple[Tensor, Tensor, Tensor]:
-    """Radially averaged power spectra: (wavenumbers, P_gen, P_obs), bins 0..min(H, W) // 2."""
-    n, k, h, w = d.samples.shape
+def power_spectrum(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Radially averaged power spectrum of masked fields, mean over fields of days with a valid cell.
+
+    Each field has its valid-cell mean removed and its invalid cells set to 0 before the FFT.
+
+    Args:
+        x: [N, K, H, W] fields, K per day.
+        mask: [N, H, W] valid cells, shared by a day's K fields.
+
+    Returns:
+        (wavenumbers, power): bins 0..min(H, W) // 2 in cycles per the smaller side, and the
+        power in each, float64, (units of x)^2.
+    """
+    n, k, h, w = x.shape
     days_per_chunk = max(1, _FFT_BUDGET // (k * h * w))
-    gen = torch.zeros(h, w, dtype=_F64, device=d.samples.device)
-    obs = torch.zeros_like(gen)
+    power = torch.zeros(h, w, dtype=_F64, device=x.device)
     for start in range(0, n, days_per_chunk):
         sl = slice(start, start + days_per_chunk)
-        gen += _power_sum(d.samples[sl], d.mask[sl, None])
-        obs += _power_sum(d.obs[sl], d.mask[sl])
+        power += _power_sum(x[sl], mask[sl, None])
     # Fully masked days add no power; they must not dilute the average either.
-    days = _valid_days(d).sum(dtype=_F64).clamp_min(1)
-    gen /= days * k
-    obs /= days
+    power /= mask.flatten(1).any(dim=1).sum(dtype=_F64).clamp_min(1) * k
 
     side = min(h, w)
     k_max = side // 2
-    fy = torch.fft.fftfreq(h, device=gen.device, dtype=_F64)
-    fx = torch.fft.fftfreq(w, device=gen.device, dtype=_F64)
+    fy = torch.fft.fftfreq(h, device=x.device, dtype=_F64)
+    fx = torch.fft.fftfreq(w, device=x.device, dtype=_F64)
     radius = torch.sqrt(fy[:, None].square() + fx[None, :].square()) * side
     # Bin i holds radii in [i - 1/2, i + 1/2); radii past the smaller axis' Nyquist are dropped.
-    wavenumbers = torch.arange(k_max + 1, device=gen.device, dtype=_F64)
+    wavenumbers = torch.arange(k_max + 1, device=x.device, dtype=_F64)
     onehot = ((radius + 0.5).floor().flatten()[:, None] == wavenumbers).to(_F64)
-    counts = onehot.sum(dim=0)
-    return wavenumbers, gen.flatten() @ onehot / counts, obs.flatten() @ onehot / counts
+    return wavenumbers, power.flatten() @ onehot / onehot.sum(dim=0)
+
+
+def small_scale_power_ratio(gen: Tensor, obs: Tensor) -> Tensor:
+    """Power of ``gen`` / of ``obs`` summed over the upper half of wavenumbers (bins > k_max // 2).
+
+    Args:
+        gen: [k_max + 1] radially averaged power, as :func:`power_spectrum` gives.
+        obs: [k_max + 1] the same for the observed fields.
+    """
+    k_max = gen.numel() - 1
+    return gen[k_max // 2 + 1 :].sum() / obs[k_max // 2 + 1 :].sum()
+
+
+@_cached
+def _spectra(d: EvalData) -> tuple[Tensor, Tensor, Tensor]:
+    """Radially averaged power spectra: (wavenumbers, P_gen, P_obs), bins 0..min(H, W) // 2."""
+    wavenumbers, gen = power_spectrum(d.samples, d.mask)
+    _, obs = power_spectrum(d.obs[:, None], d.mask)
+    return wavenumbers, gen, obs
 
 
 def _spectrum_log_error(d: EvalData) -> Tensor:
@@ -471,8 +513,7 @@ def _spectrum_log_error(d: EvalData) -> Tensor:
 
 def _small_scale_power_ratio(d: EvalData) -> Tensor:
     _, gen, obs = _spectra(d)
-    k_max = gen.numel() - 1
-    return gen[k_max // 2 + 1 :].sum() / obs[k_max // 2 + 1 :].sum()
+    return small_scale_power_ratio(gen, obs)
 
 
 # --- latent usage ---------------------------------------------------------------------------
