@@ -47,7 +47,7 @@ from search.definition import StudyDefinition
 from search.export import EXPORTED_ATTR
 from search.report import diagnosis, feasible, hypervolume_history, pareto_layers
 from search.storage import open_storage
-from search.study import BASELINE_ATTR, StudyNotFound, stored_definition
+from search.study import BASELINE_ATTR, DOWNSTREAM_ATTR, StudyNotFound, stored_definition
 
 __all__ = [
     "DOWNSTREAM_ATTR",
@@ -77,8 +77,6 @@ VIEWS_ATTR = "cvae_search:dashboard"
 FRONT_PLOT = "cvae-search-front"
 HYPERVOLUME_PLOT = "cvae-search-hypervolume"
 DOWNSTREAM_PLOT = "cvae-search-downstream"
-DOWNSTREAM_ATTR = "downstream"
-"""User attribute of a trial evaluated downstream: ``{"gains": {"downstream_<metric>_gain": x}}``."""
 _PACKAGES = {"optuna_dashboard": "optuna-dashboard", "psycopg2": "psycopg2-binary"}
 
 
