@@ -436,13 +436,13 @@ def _check_consistency(cfg: Config, source: str) -> None:
         if any(not 0 < q < 1 for q in qs) or len(set(qs)) != len(qs) or sorted(qs) != qs:
             raise _fail(source, f"downstream.{name}", "increasing distinct values in (0, 1)", qs)
     if ds.loss == "pinball" and not ds.quantiles:
-        raise _fail(source, "downstream.quantiles", "at least one quantile for the pinball loss", ds.quantiles)
+        raise _fail(
+            source, "downstream.quantiles", "at least one quantile for the pinball loss", ds.quantiles
+        )
     if any(t <= 0 for t in ds.thresholds_mm):
         raise _fail(source, "downstream.thresholds_mm", "positive mm/day thresholds", ds.thresholds_mm)
     if not ds.threshold_quantiles and not ds.thresholds_mm:
-        raise _fail(
-            source, "downstream.threshold_quantiles", "a threshold (or downstream.thresholds_mm)", []
-        )
+        raise _fail(source, "downstream.threshold_quantiles", "a threshold (or downstream.thresholds_mm)", [])
     if cfg.loss.w_min > cfg.loss.w_max:
         raise _fail(source, "loss.w_min", f"a value <= loss.w_max ({cfg.loss.w_max})", cfg.loss.w_min)
     syn = d.synthetic

@@ -36,6 +36,7 @@ __all__ = [
     "heavy_thresholds",
     "score_definitions",
     "score_fields",
+    "threshold_labels",
     "verdict",
 ]
 
@@ -112,6 +113,11 @@ def _fixed_label(mm: float) -> str:
     return f"{mm:g}mm".replace(".", "p")
 
 
+def threshold_labels(quantiles: Sequence[float], fixed_mm: Sequence[float]) -> list[str]:
+    """The labels :func:`heavy_thresholds` gives its thresholds, quantile ones first."""
+    return [_quantile_label(q) for q in quantiles] + [_fixed_label(v) for v in fixed_mm]
+
+
 def heavy_thresholds(
     obs_mm: Tensor, mask: Tensor, quantiles: Sequence[float], fixed_mm: Sequence[float], wet_threshold: float
 ) -> dict[str, float]:
@@ -142,7 +148,7 @@ def heavy_thresholds(
     for v in fixed_mm:
         if not (math.isfinite(v) and v > 0):
             raise ValueError(f"downstream.thresholds_mm: expected positive mm/day, got {v}")
-    labels = [_quantile_label(q) for q in quantiles] + [_fixed_label(v) for v in fixed_mm]
+    labels = threshold_labels(quantiles, fixed_mm)
     if len(set(labels)) != len(labels):
         raise ValueError(f"downstream thresholds: expected distinct labels, got {labels}")
     out: dict[str, float] = {}

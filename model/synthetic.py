@@ -3,9 +3,9 @@
 Each day is a Gaussian random field with a power-law spectrum. Its upper quantile is the wet
 area, and a rank transform maps the wet values onto a gamma distribution, so the heaviest rain
 sits in the storm cores. Optionally (``storm_days``) rare compact convective storms add heavy
-rain that the coarse block means only hint at. The per-day wet fraction and intensity vary, and fine-scale structure
-is only partly fixed by the coarse block means: the detail a cVAE has to generate is genuinely
-uncertain given the coarse field.
+rain that the coarse block means only hint at. The per-day wet fraction and intensity vary,
+and fine-scale structure is only partly fixed by the coarse block means: the detail a cVAE
+has to generate is genuinely uncertain given the coarse field.
 
 The file has the layout :func:`model.data.load_data` reads from users' files, so the
 synthetic set exercises the same loader.

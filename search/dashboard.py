@@ -48,7 +48,7 @@ from search.downstream_stage import DOWNSTREAM_ATTR, downstream_gains, downstrea
 from search.export import EXPORTED_ATTR
 from search.report import diagnosis, feasible, hypervolume_history, pareto_layers
 from search.storage import open_storage
-from search.study import BASELINE_ATTR, StudyNotFound, stored_definition
+from search.study import BASELINE_ATTR, DOWNSTREAM_ATTR, StudyNotFound, stored_definition
 
 __all__ = [
     "DOWNSTREAM_ATTR",

@@ -29,6 +29,7 @@ from model.config import (
     read_yaml,
     with_overrides,
 )
+from model.downstream import downstream_metric_names
 from model.metrics import METRICS
 from search.samplers import SAMPLER_BUILDERS, make_sampler
 
@@ -199,6 +200,12 @@ class StudyDefinition:
     @property
     def metric_names(self) -> list[str]:
         return [o.metric for o in self.objectives]
+
+    @property
+    def downstream_metrics(self) -> list[str]:
+        """The downstream gains the study judges trials by: each trial then trains SRDRN too."""
+        judged = [o.metric for o in self.objectives] + [c.metric for c in self.constraints]
+        return [m for m in dict.fromkeys(judged) if m not in METRICS]
 
     def make_sampler(self, worker_index: int = 0) -> optuna.samplers.BaseSampler:
         return make_sampler(self.sampler.name, self.sampler.seed, self.sampler.options, worker_index)
@@ -468,7 +475,10 @@ def _resolve_halving(
                 source, "halving.min_epoch", f"an epoch from 1 to below train.epochs ({epochs})", min_epoch
             )
         rungs = halving_ladder(min_epoch, h.eta, epochs)
-    judged = [o.metric for o in objectives] + [c.metric for c in spec.constraints]
+    # Downstream gains exist only once a trial has trained to its end: no rung can rank by them.
+    judged = [
+        m for m in [o.metric for o in objectives] + [c.metric for c in spec.constraints] if m in METRICS
+    ]
     metrics = list(dict.fromkeys(h.metrics if h.metrics is not None else judged))
     for i, name in enumerate(metrics):
         if name not in judged:
@@ -483,6 +493,18 @@ def _resolve_halving(
     return Halving(
         eta=float(h.eta), min_epoch=None, rungs=rungs, metrics=metrics, min_peers=h.min_peers, days=h.days
     )
+
+
+def _known_metrics(base: Config) -> dict[str, str | None]:
+    """Every name an objective or constraint may use, with its default direction: the
+    registered metrics, and the downstream gains ``base.downstream`` yields (maximised)."""
+    known: dict[str, str | None] = {name: m.direction for name, m in METRICS.items()}
+    return known | {name: "maximize" for name in downstream_metric_names(base.downstream)}
+
+
+def _metric_help(known: Mapping[str, str | None]) -> str:
+    scores = [n.removeprefix("downstream_").removesuffix("_gain") for n in known if n not in METRICS]
+    return f"a metric name ({', '.join(METRICS)}) or downstream_<score>_gain ({', '.join(scores)})"
 
 
 def load_definition(path: str | Path) -> StudyDefinition:
@@ -500,20 +522,20 @@ def load_definition(path: str | Path) -> StudyDefinition:
 
     if not spec.objectives:
         raise _fail(source, "objectives", "at least one objective", spec.objectives)
+    known = _known_metrics(base)
     objectives = []
     for i, o in enumerate(spec.objectives):
-        metric = METRICS.get(o.metric)
-        if metric is None:
-            raise _fail(source, f"objectives[{i}].metric", f"a metric name ({', '.join(METRICS)})", o.metric)
-        direction = o.direction or metric.direction
+        if o.metric not in known:
+            raise _fail(source, f"objectives[{i}].metric", _metric_help(known), o.metric)
+        direction = o.direction or known[o.metric]
         if direction is None:
             raise _fail(
                 source, f"objectives[{i}].direction", "maximize or minimize (the metric has none)", None
             )
         objectives.append(Objective(o.metric, direction))
     for i, c in enumerate(spec.constraints):
-        if c.metric not in METRICS:
-            raise _fail(source, f"constraints[{i}].metric", f"a metric name ({', '.join(METRICS)})", c.metric)
+        if c.metric not in known:
+            raise _fail(source, f"constraints[{i}].metric", _metric_help(known), c.metric)
         if c.min is None and c.max is None:
             raise _fail(source, f"constraints[{i}]", "a min or a max", asdict(c))
         if c.min is not None and c.max is not None and c.min > c.max:

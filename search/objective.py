@@ -15,7 +15,7 @@ import platform
 import socket
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,15 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
 
+from model.checkpoint import read_checkpoint
 from model.config import Config, ConfigError, config_to_dict
 from model.data import Dataset, load_data
+from model.downstream import DOWNSTREAM_FILES, DownstreamResult, run_downstream
 from model.trainer import EpochReport, TrainingDiverged, TrainResult, train
 from search.definition import Collapse, Param, StudyDefinition
 from search.halving import HALVED_CONSTRAINT, HalvingWatcher, halved
 from search.storage import set_trial_attrs
-from search.study import BASELINE_ATTR
+from search.study import BASELINE_ATTR, DOWNSTREAM_ATTR
 
 __all__ = [
     "PEAK_GPU_MEMORY_ATTR",
@@ -223,26 +225,41 @@ class TrialObjective:
             callbacks.append(CollapseWatcher(self.definition.collapse))
         if self.definition.halving is not None:
             callbacks.append(HalvingWatcher(self.definition, trial))
+        if self.definition.downstream_metrics:  # SRDRN trains from the checkpoint
+            cfg = replace(cfg, train=replace(cfg.train, save_checkpoint=True))
         with tempfile.TemporaryDirectory(prefix=f"trial-{trial.number}-") as tmp:
             self._interruptible(True)
             try:
-                result = train(cfg, out_dir=tmp, callbacks=callbacks, data=self._dataset(cfg))
+                data = self._dataset(cfg)
+                result = train(cfg, out_dir=tmp, callbacks=callbacks, data=data)
+                user_attrs = self.attrs(trial, result)
+                metrics = dict(result.metrics)
+                if self.definition.downstream_metrics:
+                    downstream = self._downstream(trial, Path(tmp), data)
+                    metrics |= downstream.gains()
+                    user_attrs[DOWNSTREAM_ATTR] = _finite(downstream.summary())
             except TrainingDiverged as e:
                 raise TrialFailed(f"diverged: {e}", retry=False) from e
             finally:
                 self._interruptible(False)
-            constraints = constraint_values(self.definition, result.metrics, result.stopped)
+            constraints = constraint_values(self.definition, metrics, result.stopped)
             system_attrs = {f"{_CONSTRAINTS_KEY}:{key}": value for key, value in constraints.items()}
             system_attrs.update(self._upload(trial, Path(tmp)))
         return TrialOutcome(
-            values=[result.metrics.get(o.metric, math.nan) for o in self.definition.objectives],
-            user_attrs=self.attrs(trial, result),
+            values=[metrics.get(o.metric, math.nan) for o in self.definition.objectives],
+            user_attrs=user_attrs,
             system_attrs=system_attrs,
             constraints=constraints,
             stopped=result.stopped,
             epochs_run=result.epochs_run,
             epochs=cfg.train.epochs,
         )
+
+    def _downstream(self, trial: optuna.Trial, out: Path, data: Dataset) -> DownstreamResult:
+        """SRDRN without and with the trial's generated data; its files join the trial's."""
+        ckpt = read_checkpoint(out / "checkpoint.pt")
+        source = f"study {self.definition.name} trial {trial.number}"
+        return run_downstream(ckpt.model, ckpt.config, data, source=source, out_dir=out)
 
     def _dataset(self, cfg: Config) -> Dataset:
         key = json.dumps(
@@ -283,7 +300,7 @@ class TrialObjective:
     def _upload(self, trial: optuna.Trial, out: Path) -> dict[str, Any]:
         """Store the trial's files; their entries, to be recorded with its other attributes."""
         entries = _ArtifactEntries(trial._trial_id)
-        names = ["samples.png", "metrics.json", "config.yaml"]
+        names = ["samples.png", "metrics.json", "config.yaml", *DOWNSTREAM_FILES]
         if self.definition.save_checkpoints:
             names.append("checkpoint.pt")
         for name in names:

@@ -24,6 +24,7 @@ from search.storage import BUDGET_ATTR, MAX_RETRIES_ATTR, known_experimental, se
 __all__ = [
     "DEFINITION_ATTR",
     "DIGEST_ATTR",
+    "DOWNSTREAM_ATTR",
     "DefinitionMismatch",
     "StudyNotFound",
     "check_study_data",
@@ -39,6 +40,9 @@ DEFINITION_ATTR = "cvae_search:definition"
 DIGEST_ATTR = "cvae_search:digest"
 WORKER_ATTR_PREFIX = "cvae_search:worker:"
 BASELINE_ATTR = "baseline"
+DOWNSTREAM_ATTR = "downstream"
+"""User attribute of a trial evaluated downstream: its gains, verdicts and table
+(:meth:`model.downstream.DownstreamResult.summary`)."""
 
 
 class DefinitionMismatch(RuntimeError):
