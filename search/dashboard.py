@@ -44,7 +44,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from search.definition import StudyDefinition
-from search.downstream_stage import DOWNSTREAM_ATTR, downstream_gains, downstream_records
+from search.downstream_stage import downstream_gains, downstream_records
 from search.export import EXPORTED_ATTR
 from search.report import diagnosis, feasible, hypervolume_history, pareto_layers
 from search.storage import open_storage

@@ -8,10 +8,10 @@ else by retraining the cVAE from the trial's config and seed, which reproduces i
 Where the results live
     Optuna refuses to change a finished trial (``UpdateFinishedTrialError``, on SQLite and
     PostgreSQL alike), so each result is a study system attribute
-    ``cvae_search:downstream:<trial number>`` holding ``{"gains", "verdicts", "table", "file",
-    "at"}``. :func:`downstream_records` reads them, and also a trial's own ``downstream`` user
-    attribute (one the trial recorded while it ran); the dashboard, ``status`` and ``export``
-    read through it.
+    ``cvae_search:downstream:<trial number>`` holding ``{"gains", "verdicts", "table", "at",
+    "file"}``. :func:`downstream_records` reads them, and also a trial's own ``downstream`` user
+    attribute (what a study with downstream objectives records while the trial runs); the
+    dashboard, ``status`` and ``export`` read through it.
 
 Who evaluates what
     Each trial to evaluate is enqueued once, as a waiting trial with user attribute
@@ -28,7 +28,6 @@ Who evaluates what
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import logging
 import math
 import tempfile
@@ -43,13 +42,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.definition import StudyDefinition
 from search.storage import FAIL_REASON_ATTR, StorageSettings, reap_stale_trials, search_storage
-from search.study import BASELINE_ATTR
+from search.study import BASELINE_ATTR, DOWNSTREAM_ATTR
 
 if TYPE_CHECKING:
     from model.downstream import DownstreamResult
 
 __all__ = [
-    "DOWNSTREAM_ATTR",
     "RANK_HELP",
     "RECORD_ATTR_PREFIX",
     "SOURCE_ATTR",
@@ -71,8 +69,6 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-DOWNSTREAM_ATTR = "downstream"
-"""A trial's own user attribute with its downstream result, ``{"gains": {name: gain}, ...}``."""
 RECORD_ATTR_PREFIX = "cvae_search:downstream:"
 """Study system attribute prefix of the stage's results, one per trial number."""
 SOURCE_ATTR = "source_trial"
@@ -313,7 +309,6 @@ def evaluate_trial(
     """Evaluate ``trial`` downstream, with the ``downstream`` settings of its config, writing
     ``downstream.json`` and the plots into ``out_dir``."""
     from model.downstream import downstream_for_checkpoint, downstream_for_config
-
     from search.export import trial_config
 
     cfg = trial_config(definition, trial)
@@ -331,13 +326,7 @@ def evaluate_trial(
 
 def record_result(study: optuna.Study, number: int, result: DownstreamResult, file: Path) -> dict[str, Any]:
     """Record trial ``number``'s result in the study (module docstring) and return the record."""
-    record = {
-        "gains": result.gains(),
-        "verdicts": result.verdicts(),
-        "table": result.table(),
-        "file": str(file.resolve()),
-        "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
+    record = {**result.summary(), "file": str(file.resolve())}
     study._storage.set_study_system_attr(study._study_id, f"{RECORD_ATTR_PREFIX}{number}", _finite(record))
     return record
 
