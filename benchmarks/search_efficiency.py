@@ -45,7 +45,7 @@ import numpy as np
 import optuna
 
 from benchmarks.common import table, write_json
-from model.config import with_overrides
+from model.config import DownstreamConfig, with_overrides
 from search.definition import Param, StudyDefinition, load_definition
 from search.objective import COLLAPSE_CONSTRAINT, TrialObjective, suggest_space
 from search.report import hypervolume_history
@@ -105,13 +105,14 @@ CATEGORICAL_MISMATCH = 100.0
 
 
 def efficiency_definition() -> StudyDefinition:
-    """studies/tiny.yaml with CPU-size training and no baselines."""
+    """studies/tiny.yaml with CPU-size training, no baselines and no downstream stage."""
     tiny = load_definition(REPO / "studies" / "tiny.yaml")
     assert tiny.collapse is not None
+    base = dataclasses.replace(tiny.base, downstream=DownstreamConfig())
     return dataclasses.replace(
         tiny,
         name="efficiency",
-        base=with_overrides(tiny.base, CPU_SIZE, "benchmarks/search_efficiency.py: CPU_SIZE"),
+        base=with_overrides(base, CPU_SIZE, "benchmarks/search_efficiency.py: CPU_SIZE"),
         collapse=dataclasses.replace(tiny.collapse, after_epoch=COLLAPSE_AFTER_EPOCH),
         baselines={},
         save_checkpoints=False,

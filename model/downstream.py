@@ -47,6 +47,7 @@ __all__ = [
     "RESULT_FILE",
     "DownstreamResult",
     "augmented_days",
+    "comparison_table",
     "downstream_for_checkpoint",
     "downstream_for_config",
     "downstream_metric_names",
@@ -169,6 +170,38 @@ class DownstreamResult:
             scores=data["scores"],
             curves=data.get("curves", {}),
         )
+
+
+def comparison_table(results: dict[str, DownstreamResult]) -> str:
+    """Several cVAEs' augmented arms beside the one unaugmented arm they share.
+
+    Args:
+        results: Label -> result, all from the same data, seeds and SRDRN settings (so their
+            unaugmented arms are the same runs).
+
+    Raises:
+        ValueError: The results' unaugmented arms differ: they are not comparable.
+    """
+    first = next(iter(results.values()))
+    for label, result in results.items():
+        if result.scores["without"] != first.scores["without"]:
+            raise ValueError(f"{label}: its unaugmented arm differs from the others'; not comparable")
+    labels = list(results)
+    head = ["metric", "no augmentation"] + [f"{lab}: with, gain ± spread, verdict" for lab in labels]
+    rows = [head]
+    per_seed = {label: r._gains_per_seed() for label, r in results.items()}
+    for key, without in first.scores["without"].items():
+        row = [key, f"{np.mean(without):.4g}"]
+        for label, result in results.items():
+            v = verdict(per_seed[label][key])
+            row.append(
+                f"{np.mean(result.scores['with'][key]):.4g}, {v.mean:+.3g} ± {v.spread:.2g}, {v.verdict}"
+            )
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return f"{first.budget_line()}\n" + "\n".join(lines)
 
 
 def augmented_days(obs_mm: torch.Tensor, mask: torch.Tensor, cfg: DownstreamConfig) -> torch.Tensor:

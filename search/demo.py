@@ -1,11 +1,13 @@
 """``cvae-search demo``: the whole loop on one machine with nothing configured.
 
-create -> two worker processes -> report -> export, on the built-in synthetic set and an
-embedded SQLite storage under one folder, then the Pareto table and where everything went.
+create -> two worker processes -> report -> export -> downstream, on the built-in synthetic
+set and an embedded SQLite storage under one folder, then the Pareto table, SRDRN without and
+with the pick's and the baselines' generated data, and where everything went.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -13,7 +15,9 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial
 
+from model.downstream import DownstreamResult, comparison_table
 from search.definition import StudyDefinition, load_definition
+from search.downstream_stage import run_stage
 from search.export import NoFeasibleTrial, export_trial, pick_trial
 from search.report import dominates, format_table, pareto_table, write_report
 from search.storage import open_storage
@@ -32,7 +36,7 @@ def run_demo(out: Path, *, workers: int = 2, study_file: Path = DEMO_STUDY) -> i
     definition = load_definition(study_file)
     check_study_data(definition)
     out = out.resolve()
-    for stale in ("study.db", "study.db.lock", "artifacts", "report", "best.yaml"):
+    for stale in ("study.db", "study.db.lock", "artifacts", "report", "best.yaml", "downstream"):
         path = out / stale
         if path.is_dir():
             shutil.rmtree(path)
@@ -83,10 +87,52 @@ def run_demo(out: Path, *, workers: int = 2, study_file: Path = DEMO_STUDY) -> i
         return 1
     best = export_trial(study, definition, picked, out / "best.yaml", storage_url=url, rule="knee")
     print(f"  export     {best}")
+    _print_downstream(study, definition, picked, artifacts, out / "downstream")
     print("\nnext:")
     print(f"  cvae-search dashboard --storage {url} --artifact-dir {artifacts}")
+    print(f"  cvae-search downstream {definition.name} --front --storage {url} --artifact-dir {artifacts}")
     print(f"  cvae-search train {best} -o {out / 'production'}")
     return 0
+
+
+def _print_downstream(
+    study: optuna.Study, definition: StudyDefinition, picked: FrozenTrial, artifacts: Path, out: Path
+) -> None:
+    """SRDRN without augmentation, and with the pick's and each baseline's generated data."""
+    baselines = sorted(
+        (
+            t
+            for t in study.trials
+            if t.user_attrs.get(BASELINE_ATTR) and t.values and t.number != picked.number
+        ),
+        key=lambda t: t.number,
+    )
+    trials = [picked, *baselines]
+    ds = definition.base.downstream
+    print(
+        f"\ndownstream: SRDRN ({ds.loss}, {ds.channels} filters x {ds.n_res_blocks} blocks) trained without "
+        f"and with generated data, for the pick and {len(baselines)} baseline(s), {len(ds.seeds)} seeds",
+        flush=True,
+    )
+    t0 = time.perf_counter()
+    report = run_stage(
+        study,
+        definition,
+        trials,
+        artifact_dir=artifacts,
+        out_dir=out,
+        progress=lambda line: print(f"  {line}"),
+    )
+    labels = {picked.number: f"pick #{picked.number}"}
+    labels |= {t.number: f"{t.user_attrs[BASELINE_ATTR]} #{t.number}" for t in baselines}
+    results = {
+        labels[n]: DownstreamResult.from_dict(json.loads(Path(report.records[n]["file"]).read_text()))
+        for n in labels
+        if n in report.records
+    }
+    print()
+    print(comparison_table(results))
+    print(f"({time.perf_counter() - t0:.0f} s; files in {out})")
 
 
 def _print_verdicts(study: optuna.Study, definition: StudyDefinition, picked: FrozenTrial) -> None:

@@ -12,6 +12,15 @@ from model.config import load_config
 from tests.conftest import CliProcesses
 
 LOOSE_MASS = [{"metric": "mass_bias", "abs": True, "max": 10.0}]
+TINY_DOWNSTREAM = {
+    "downstream.channels": 4,
+    "downstream.n_res_blocks": 1,
+    "downstream.steps": 6,
+    "downstream.val_checks": 2,
+    "downstream.seeds": [0, 1],
+    "downstream.n_generated": 1,
+    "downstream.batch_size": 8,
+}
 
 
 def _demo(cli: CliProcesses, study_file: Path, out: Path) -> tuple[int, str]:
@@ -31,6 +40,7 @@ def test_demo_runs_the_whole_loop_and_a_rerun_replaces_it(
         n_trials=4,
         baselines={"low_beta": {"loss.beta_kl": 0.001, "loss.free_bits": 0.0}},
         constraints=LOOSE_MASS,
+        overrides=TINY_DOWNSTREAM,
     )
     out = tmp_path / "demo"
     earlier_end = None
@@ -54,6 +64,14 @@ def test_demo_runs_the_whole_loop_and_a_rerun_replaces_it(
     picked = trials[int(verdict.group(1))]
     assert load_config(out / "best.yaml").loss.beta_kl == picked.params["loss.beta_kl"]
     assert f"export     {out / 'best.yaml'}" in output
+    # The downstream stage: the one unaugmented arm beside the pick's (and the baseline's) augmented one.
+    assert "downstream: SRDRN (weighted_mae, 4 filters x 1 blocks) trained without and with" in output
+    assert re.search(r"^metric\s+no augmentation\s+pick #\d+: with, gain ± spread, verdict", output, re.M)
+    if verdict.group(2) != "is":
+        assert "low_beta #0: with, gain ± spread, verdict" in output
+    assert re.search(r"^csi_p99\s+\S+\s+\S+, [+-]\S+ ± \S+, (better|worse|within noise)", output, re.M)
+    assert (out / "downstream" / f"trial-{picked.number}" / "downstream.json").exists()
+    assert f"cvae-search downstream demo --front --storage sqlite:///{out / 'study.db'}" in output
 
 
 def test_demo_without_a_feasible_trial_prints_its_table_and_exports_nothing(
