@@ -41,7 +41,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search.definition import StudyDefinition
-from search.storage import FAIL_REASON_ATTR, StorageSettings, reap_stale_trials, search_storage
+from search.storage import FAIL_REASON_ATTR, StorageSettings, json_safe, reap_stale_trials, search_storage
 from search.study import BASELINE_ATTR, DOWNSTREAM_ATTR
 
 if TYPE_CHECKING:
@@ -327,17 +327,8 @@ def evaluate_trial(
 def record_result(study: optuna.Study, number: int, result: DownstreamResult, file: Path) -> dict[str, Any]:
     """Record trial ``number``'s result in the study (module docstring) and return the record."""
     record = {**result.summary(), "file": str(file.resolve())}
-    study._storage.set_study_system_attr(study._study_id, f"{RECORD_ATTR_PREFIX}{number}", _finite(record))
+    study._storage.set_study_system_attr(study._study_id, f"{RECORD_ATTR_PREFIX}{number}", json_safe(record))
     return record
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN: a gain that could not be computed is stored as ``None``."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    return value
 
 
 @dataclass

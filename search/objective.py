@@ -30,7 +30,7 @@ from model.downstream import DOWNSTREAM_FILES, DownstreamResult, run_downstream
 from model.trainer import EpochReport, TrainingDiverged, TrainResult, train
 from search.definition import Collapse, Param, StudyDefinition
 from search.halving import HALVED_CONSTRAINT, HalvingWatcher, halved
-from search.storage import set_trial_attrs
+from search.storage import json_safe, set_trial_attrs
 from search.study import BASELINE_ATTR, DOWNSTREAM_ATTR
 
 __all__ = [
@@ -237,7 +237,7 @@ class TrialObjective:
                 if self.definition.downstream_metrics:
                     downstream = self._downstream(trial, Path(tmp), data)
                     metrics |= downstream.gains()
-                    user_attrs[DOWNSTREAM_ATTR] = _finite(downstream.summary())
+                    user_attrs[DOWNSTREAM_ATTR] = json_safe(downstream.summary())
             except TrainingDiverged as e:
                 raise TrialFailed(f"diverged: {e}", retry=False) from e
             finally:
@@ -295,7 +295,7 @@ class TrialObjective:
             attrs[RUNTIME_ATTR][PEAK_GPU_MEMORY_ATTR] = result.peak_gpu_memory_bytes
         if "fail_reason" in trial.user_attrs:  # inherited from the failed attempt this retries
             attrs["fail_reason"] = None
-        return {key: _finite(value) for key, value in attrs.items()}
+        return {key: json_safe(value) for key, value in attrs.items()}
 
     def _upload(self, trial: optuna.Trial, out: Path) -> dict[str, Any]:
         """Store the trial's files; their entries, to be recorded with its other attributes."""
@@ -326,14 +326,3 @@ class _ArtifactEntries:
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         assert trial_id == self.trial_id
         self.attrs[key] = value
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN or infinity; Optuna stores attributes as JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value

@@ -43,6 +43,7 @@ import datetime
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -82,6 +83,7 @@ __all__ = [
     "describe_failure",
     "check_storage_url",
     "is_budget_exhausted",
+    "json_safe",
     "known_experimental",
     "open_storage",
     "reap_stale_trials",
@@ -611,6 +613,18 @@ def known_experimental() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         yield
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinity (in nested dicts and lists) as ``None``: Optuna
+    stores attributes as JSON, which has neither."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def set_trial_attrs(
