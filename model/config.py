@@ -215,6 +215,11 @@ class DownstreamConfig:
     """``weighted_mae``: the cVAE's intensity weighting (``loss`` section) in mm/day.
     ``pinball``: one output head per entry of ``quantiles``."""
     quantiles: list[float] = field(default_factory=lambda: [0.5, 0.9, 0.99])
+    weight_min: float = _num(0.1, 0.0)
+    weight_max: float = _num(3.0, 0.0, lo_open=True)
+    tail_boost: float = _num(2.0, 1.0)
+    """``weighted_mae``: the intensity weighting of ``model.losses`` with these bounds and tail
+    boost (the seed's). SRDRN's own, so that the cVAE's searched ``loss`` never changes it."""
     budget: Literal["steps", "epochs"] = "steps"
     """``steps``: both arms take ``steps`` optimiser steps (the same batches of real pairs).
     ``epochs``: both arms see the real pairs ``epochs`` times, so the augmented arm takes
@@ -441,6 +446,13 @@ def _check_consistency(cfg: Config, source: str) -> None:
         )
     if any(t <= 0 for t in ds.thresholds_mm):
         raise _fail(source, "downstream.thresholds_mm", "positive mm/day thresholds", ds.thresholds_mm)
+    if ds.weight_min > ds.weight_max:
+        raise _fail(
+            source,
+            "downstream.weight_min",
+            f"a value <= downstream.weight_max ({ds.weight_max})",
+            ds.weight_min,
+        )
     if not ds.threshold_quantiles and not ds.thresholds_mm:
         raise _fail(source, "downstream.threshold_quantiles", "a threshold (or downstream.thresholds_mm)", [])
     if cfg.loss.w_min > cfg.loss.w_max:

@@ -319,12 +319,9 @@ def _run(
     generated = generate_pairs(cvae, data, days, ds, seed=cfg.eval.seed, bf16=bf16)
     heads = _heads(ds)
 
-    scores: dict[str, dict[str, list[float]]] = {arm: {} for arm in ARMS}
-    curves: dict[str, list[list[dict[str, float]]]] = {arm: [] for arm in ARMS}
-    first_preds: dict[str, torch.Tensor] = {}
-    steps = 0
-    for seed in ds.seeds:
-        for arm in ARMS:
+    def run_arm(arm: str) -> _Arm:
+        runs = _Arm()
+        for seed in ds.seeds:
             fit = train_srdrn(
                 cfg,
                 data,
@@ -334,21 +331,37 @@ def _run(
                 bf16=bf16,
                 compile=cfg.train.compile,
             )
-            steps = fit.steps
+            runs.steps = fit.steps
             pred = predict(fit.model, data, data.test, batch_size=ds.batch_size_eval, bf16=bf16)
             for h, head in enumerate(heads):
                 for name, value in score_fields(
                     pred[:, h], test_obs, test_mask, thresholds, wet_threshold=wet
                 ).items():
-                    scores[arm].setdefault(f"{head}_{name}" if head else name, []).append(value)
-            curves[arm].append(fit.curve)
-            first_preds.setdefault(arm, pred[:, -1].detach())
+                    runs.scores.setdefault(f"{head}_{name}" if head else name, []).append(value)
+            runs.curves.append(fit.curve)
+            if runs.first_pred is None:
+                runs.first_pred = pred[:, -1].detach()
             if progress is not None:
                 best = min((c["val_loss"] for c in fit.curve), default=math.nan)
                 progress(
                     f"SRDRN {arm:<7} seed {seed}: {fit.steps} steps, best val loss {best:.4g} "
                     f"(kept step {fit.selected_step})"
                 )
+        return runs
+
+    key = _unaugmented_key(cfg, data, device, bf16)
+    without = _UNAUGMENTED.get(key)
+    if without is None:
+        without = _UNAUGMENTED[key] = run_arm("without")
+        while len(_UNAUGMENTED) > _UNAUGMENTED_KEPT:
+            _UNAUGMENTED.pop(next(iter(_UNAUGMENTED)))
+    elif progress is not None:
+        progress(f"SRDRN without, seeds {ds.seeds}: the same runs as earlier in this process, reused")
+    arms = {"without": without, "with": run_arm("with")}
+    scores = {arm: {k: list(v) for k, v in runs.scores.items()} for arm, runs in arms.items()}
+    curves = {arm: list(runs.curves) for arm, runs in arms.items()}
+    first_preds = {arm: runs.first_pred for arm, runs in arms.items() if runs.first_pred is not None}
+    steps = arms["with"].steps
 
     settings = config_to_dict(cfg)["downstream"] | {
         "steps_per_arm": steps,
@@ -366,6 +379,44 @@ def _run(
     if out_dir is not None:
         _write(result, out_dir, test_obs, test_mask, first_preds, data.test.times)
     return result
+
+
+@dataclass
+class _Arm:
+    """One arm's SRDRN runs over the seeds: scores per key, curves, the first seed's prediction."""
+
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    curves: list[list[dict[str, float]]] = field(default_factory=list)
+    first_pred: torch.Tensor | None = None
+    steps: int = 0
+
+
+_UNAUGMENTED: dict[str, _Arm] = {}
+"""The unaugmented arm depends on the data and SRDRN's settings, not on the cVAE: a process
+that evaluates several cVAEs on one data set (a study's front, the demo) trains it once."""
+_UNAUGMENTED_KEPT = 4
+
+
+def _unaugmented_key(cfg: Config, data: Dataset, device: torch.device, bf16: bool) -> str:
+    plain = config_to_dict(cfg)
+    for augmentation_only in ("n_generated", "ratio", "augment_days", "heavy_quantile", "temperature"):
+        del plain["downstream"][augmentation_only]
+    return json.dumps(
+        {
+            "source": data.source,
+            "data": plain["data"],
+            "stats": dataclasses.asdict(data.stats),
+            "downstream": plain["downstream"],
+            "grad_clip": cfg.train.grad_clip,
+            "compile": cfg.train.compile,
+            "threads": torch.get_num_threads(),
+            "wet": cfg.eval.wet_threshold,
+            "device": str(device),
+            "bf16": bf16,
+        },
+        sort_keys=True,
+        default=str,
+    )
 
 
 def _write(

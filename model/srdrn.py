@@ -13,7 +13,8 @@ every output is a non-negative amount in mm/day. Upsampling by any integer facto
 Losses, with ``m`` the mask (valid cells), ``y`` the observed field and ``q_k`` head k, both
 in mm/day; masked cells are replaced before any arithmetic, so they reach no term or gradient:
 
-    weighted_mae:  sum(m * w * |q_1 - y|) / max(sum(m), 1),  w = intensity_weights(y)  (the cVAE's)
+    weighted_mae:  sum(m * w * |q_1 - y|) / max(sum(m), 1),  w = intensity_weights(y)  (the cVAE's formula,
+                   with downstream.weight_min, weight_max and tail_boost)
     pinball:       mean_k sum(m * rho_tau_k(y - q_k)) / max(sum(m), 1),
                    rho_tau(e) = max(tau * e, (tau - 1) * e)
 
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from model.config import Config, Normalization
+from model.config import Config, LossConfig, Normalization
 from model.data import Dataset, Split
 from model.evaluate import autocast
 from model.losses import intensity_weights
@@ -192,6 +193,13 @@ def build_srdrn(cfg: Config, data: Dataset) -> SRDRN:
     )
 
 
+def srdrn_weighting(cfg: Config) -> LossConfig:
+    """The intensity weighting of SRDRN's weighted MAE: ``downstream``'s, not the cVAE's ``loss``
+    (which a study searches), so every trial's SRDRN trains on one loss."""
+    d = cfg.downstream
+    return LossConfig(w_min=d.weight_min, w_max=d.weight_max, tail_boost=d.tail_boost)
+
+
 def _loss_sum(
     pred_mm: Tensor, obs_mm: Tensor, mask: Tensor, cfg: Config, stats: Normalization
 ) -> tuple[Tensor, Tensor]:
@@ -204,7 +212,7 @@ def _loss_sum(
     if cfg.downstream.loss == "weighted_mae":
         if pred.shape[1] != 1:
             raise ValueError(f"srdrn_loss: weighted_mae expects one output head, got {pred.shape[1]}")
-        return (intensity_weights(y, cfg.loss, stats) * (pred - y).abs()).sum(), n_valid
+        return (intensity_weights(y, srdrn_weighting(cfg), stats) * (pred - y).abs()).sum(), n_valid
     qs = _quantiles(cfg)
     if pred.shape[1] != len(qs):
         raise ValueError(

@@ -57,9 +57,13 @@ def test_k_zero_gives_an_augmented_arm_equal_to_the_unaugmented_one(data: Datase
     assert result.scores["with"] == result.scores["without"]
     assert set(result.verdicts().values()) == {"within noise"}
     # With pairs, the arms differ: the equality above is not a property of the setup.
-    other = run_downstream(cvae, tiny_config(), data, source="test")
+    lines: list[str] = []
+    other = run_downstream(cvae, tiny_config(), data, source="test", progress=lines.append)
     assert other.scores["with"] != other.scores["without"]
+    # The unaugmented arm does not depend on the cVAE or the augmentation: trained once.
     assert other.scores["without"] == result.scores["without"]
+    assert lines[0] == "SRDRN without, seeds [0, 1]: the same runs as earlier in this process, reused"
+    assert sum("SRDRN with " in line for line in lines) == 2
 
 
 def test_generated_pairs_are_drawn_from_their_own_days_coarse_input(data: Dataset, cvae: CVAE) -> None:

@@ -128,13 +128,18 @@ def test_build_srdrn_follows_the_config(data: Dataset) -> None:
 
 def test_weighted_mae_against_a_hand_computation() -> None:
     cfg = tiny_config()
-    cfg.loss = LossConfig(w_min=0.1, w_max=3.0, tail_boost=2.0)
+    # SRDRN's weighting is its own: the cVAE's (searched) loss section does not change it.
+    cfg.loss = LossConfig(w_min=0.5, w_max=1.0, tail_boost=5.0)
     obs = torch.tensor([[[0.0, 5.0, 10.0, 30.0, 7.0]]])  # [1, 1, 5]
     pred = torch.tensor([[[[1.0, 3.0, 10.0, 20.0, 0.0]]]])
     mask = torch.tensor([[[True, True, True, True, False]]])
     # w = clamp(0.1 + 0.9 * y / 5, 0.1, 3) * (2 if y > 20 else 1)
     weights = [0.1, 1.0, 1.9, 3.0 * 2.0]
     errors = [1.0, 2.0, 0.0, 10.0]
+    expected = sum(w * e for w, e in zip(weights, errors, strict=True)) / 4
+    assert srdrn_loss(pred, obs, mask, cfg, STATS).item() == pytest.approx(expected, rel=1e-6)
+    cfg.downstream.tail_boost = 1.0
+    weights[3] = 3.0
     expected = sum(w * e for w, e in zip(weights, errors, strict=True)) / 4
     assert srdrn_loss(pred, obs, mask, cfg, STATS).item() == pytest.approx(expected, rel=1e-6)
 
