@@ -37,7 +37,7 @@ from model.downstream import DownstreamResult, run_downstream
 from model.srdrn import predict, train_srdrn
 from model.trainer import resolve_device, train, use_bf16
 
-__all__ = ["run_gain", "run_speed"]
+__all__ = ["base_config", "cvae_setting", "run_gain", "run_speed"]
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_PICK = REPO / "benchmarks" / "results" / "demo_pick.yaml"
@@ -65,7 +65,7 @@ def base_config(steps: int, seeds: Sequence[int]) -> Config:
     return with_overrides(load_config(REPO / "configs" / "v4.yaml"), overrides, "benchmarks/downstream.py")
 
 
-def _cvae_setting(base: Config, source: Config) -> Config:
+def cvae_setting(base: Config, source: Config) -> Config:
     """``base`` with the searched fields of ``source``."""
     fields = {}
     for dotted in SEARCHED:
@@ -107,7 +107,7 @@ def _rows(name: str, loss: str, result: DownstreamResult) -> list[dict[str, Any]
 def run_gain(pick: Path, steps: int, seeds: Sequence[int]) -> tuple[dict[str, Any], str]:
     """Train the pick's and V4's cVAE, then SRDRN without and with each under both losses."""
     base = base_config(steps, seeds)
-    settings = {"pick": _cvae_setting(base, load_config(pick)), "v4": base}
+    settings = {"pick": cvae_setting(base, load_config(pick)), "v4": base}
     data = load_data(base.data)
     rows: list[dict[str, Any]] = []
     results: dict[str, dict[str, Any]] = {}
@@ -137,8 +137,8 @@ def run_gain(pick: Path, steps: int, seeds: Sequence[int]) -> tuple[dict[str, An
     return {"rows": rows, "results": results}, f"{header}\n{table(rows, GAIN_COLUMNS)}"
 
 
-def _speed_config(size: str) -> Config:
-    cfg = base_config(steps=60, seeds=[0])
+def _speed_config(size: str, steps: int) -> Config:
+    cfg = base_config(steps=steps, seeds=[0])
     if size == "production":
         cfg = with_overrides(
             cfg,
@@ -155,9 +155,9 @@ def _speed_config(size: str) -> Config:
     return cfg
 
 
-def run_speed(size: str) -> tuple[list[dict[str, Any]], str]:
+def run_speed(size: str, steps: int = 60) -> tuple[list[dict[str, Any]], str]:
     """SRDRN steps/s and fields/s per precision; ratios against fp32 eager in the same run."""
-    cfg = _speed_config(size)
+    cfg = _speed_config(size, steps)
     device = resolve_device(cfg.train.device)
     data = load_data(cfg.data).to(device)
     variants = [("fp32", False)]

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.downstream import DEMO_PICK, SPEED_COLUMNS, base_config, cvae_setting, run_speed
 from benchmarks.scale_out import COLUMNS as SCALE_OUT_COLUMNS
 from benchmarks.scale_out import run_scale_out
 from benchmarks.search_efficiency import columns as efficiency_columns
 from benchmarks.search_efficiency import run_efficiency
 from benchmarks.search_overhead import PHASES, run_overhead
+from model.config import load_config
 
 
 def table_rows(text: str, columns: Sequence[str]) -> list[list[str]]:
@@ -93,3 +95,21 @@ def test_search_efficiency_prints_every_sampler_and_worker_count() -> None:
         assert 0 <= row["hv@4"] <= row["final_hv"]
         assert 0 <= row["collapsed"] <= 1 and 0 <= row["feasible"] <= 1
     assert "recommended default sampler:" in text
+
+
+def test_downstream_speed_prints_fp32_as_its_own_baseline(synthetic_cache: Path) -> None:
+    rows, text = run_speed("demo", steps=4)
+    assert [r["precision"] for r in rows] == ["fp32"]  # bf16 and compile rows need CUDA
+    (row,) = table_rows(text, SPEED_COLUMNS)
+    assert row[:3] == ["32x32", "fp32", "False"] and row[-1] == "1"
+    assert rows[0]["steps_per_s"] > 0 and rows[0]["fields_per_s"] > 0
+
+
+def test_downstream_gain_takes_the_picks_searched_fields_on_its_own_base() -> None:
+    base = base_config(steps=10, seeds=[0, 1])
+    pick = cvae_setting(base, load_config(DEMO_PICK))
+    exported = load_config(DEMO_PICK)
+    assert pick.loss == exported.loss and pick.model.output == exported.model.output
+    assert pick.data == base.data and pick.data.synthetic.storm_days == 0.05
+    assert pick.downstream.steps == 10 and pick.downstream.seeds == [0, 1]
+    assert pick.model.latent_dim == base.model.latent_dim
