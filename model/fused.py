@@ -65,7 +65,10 @@ from model.trainer import (
     use_bf16,
 )
 
-__all__ = ["architecture_key", "train_fused"]
+__all__ = ["FUSED_GROUP", "architecture_key", "train_fused"]
+
+FUSED_GROUP = "fused_group"
+"""Key in ``TrainResult.extra``: how many members were trained in the stack."""
 
 _log = logging.getLogger(__name__)
 
@@ -355,7 +358,7 @@ def _finish(
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
         versions=versions(),
         peak_gpu_memory_bytes=_peak_memory(device),
-        extra={"fused_group": group},
+        extra={FUSED_GROUP: group},
     )
     if m.out_dir is not None:
         _write_outputs(m.out_dir, m.model, m.cfg, result, ev.data, data)

@@ -57,7 +57,7 @@ def assert_same_run(fused: TrainResult | TrainingDiverged, solo: TrainResult) ->
     torch.testing.assert_close(
         torch.tensor(losses, dtype=torch.float64),
         torch.tensor([[h[t] for t in LOSS_TERMS] for h in solo.history], dtype=torch.float64),
-        rtol=1e-5,
+        rtol=1e-4,  # the stacked kernels sum in another order
         atol=1e-6,
     )
     assert fused.metrics.keys() == solo.metrics.keys()

@@ -1,0 +1,96 @@
+"""``worker --fuse K`` as a real process on SQLite: every member its own trial, as a plain worker
+would record it."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from tests.conftest import CliProcesses
+
+pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed:UserWarning")
+
+SPACE = {
+    "loss.beta_kl": {"type": "float", "low": 0.001, "high": 1.0, "log": True},
+    "loss.free_bits": {"type": "float", "low": 0.0, "high": 1.0},
+    "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+}
+PARAMS = [
+    {"loss.beta_kl": 0.05, "loss.free_bits": 0.5, "train.lr": 1e-3},
+    {"loss.beta_kl": 0.5, "loss.free_bits": 0.0, "train.lr": 3e-3},
+    {"loss.beta_kl": 0.01, "loss.free_bits": 0.2, "train.lr": 5e-4},
+]
+
+
+def trials_of(url: str, name: str) -> list[FrozenTrial]:
+    storage = RDBStorage(url)
+    return sorted(storage.get_all_trials(storage.get_study_id_from_name(name)), key=lambda t: t.number)
+
+
+def run_study(cli: CliProcesses, study_file: Path, name: str, *worker_args: str) -> list[FrozenTrial]:
+    url = f"sqlite:///{cli.logs / name}.db"
+    done = cli.run("create", str(study_file), "--storage", url)
+    assert done.returncode == 0, done.stderr
+    study = optuna.load_study(study_name=name, storage=url)
+    for params in PARAMS:
+        study.enqueue_trial(params)
+    artifacts = str(cli.logs / f"{name}-artifacts")
+    done = cli.run("worker", name, "--storage", url, "--artifact-dir", artifacts, *worker_args, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return trials_of(url, name)
+
+
+def test_fused_trials_record_what_a_plain_worker_records(
+    cli: CliProcesses, tiny_study: Callable[..., Path]
+) -> None:
+    fused = run_study(cli, tiny_study("fused", n_trials=3, space=SPACE), "fused", "--fuse", "2")
+    plain = run_study(cli, tiny_study("plain", n_trials=3, space=SPACE), "plain")
+    assert [t.state for t in fused] == [TrialState.COMPLETE] * 3
+    assert [t.params for t in fused] == [t.params for t in plain] == PARAMS
+    # Asked two at a time: a group of two, then the last trial alone.
+    assert [t.user_attrs["runtime"]["fused_group"] for t in fused] == [2, 2, 1]
+    for f, p in zip(fused, plain, strict=True):
+        torch.testing.assert_close(torch.tensor(f.values), torch.tensor(p.values), rtol=1e-4, atol=1e-6)
+        assert f.user_attrs.keys() == p.user_attrs.keys()
+        assert f.user_attrs["timings"]["epochs_run"] == p.user_attrs["timings"]["epochs_run"] == 2
+        losses = [[h["total"], h["kl"], h["recon"]] for h in f.user_attrs["history"]]
+        expected = [[h["total"], h["kl"], h["recon"]] for h in p.user_attrs["history"]]
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-4, atol=1e-6)
+        # Its own constraints and its own files.
+        assert {k for k in f.system_attrs if k.startswith("constraints")} == {
+            k for k in p.system_attrs if k.startswith("constraints")
+        }
+        artifacts = [k for k in f.system_attrs if k.startswith("artifacts:")]
+        assert len(artifacts) == len([k for k in p.system_attrs if k.startswith("artifacts:")]) > 0
+
+
+def test_sigterm_fails_and_requeues_every_member(cli: CliProcesses, tiny_study: Callable[..., Path]) -> None:
+    name = "fused-sigterm"
+    url = f"sqlite:///{cli.logs / name}.db"
+    done = cli.run("create", str(tiny_study(name, n_trials=4, epochs=20_000)), "--storage", url)
+    assert done.returncode == 0, done.stderr
+    worker = cli.start("worker", name, "--storage", url, "--fuse", "2", name="worker")
+    deadline = time.monotonic() + 120
+    while sum(t.state == TrialState.RUNNING for t in trials_of(url, name)) < 2:
+        assert time.monotonic() < deadline, cli.output(worker)
+        time.sleep(0.5)
+    time.sleep(3)  # into training
+    worker.send_signal(signal.SIGTERM)
+    assert cli.wait(worker, 60) == 0, cli.output(worker)
+
+    trials = trials_of(url, name)
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    stopped = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(stopped) == 2
+    for t in stopped:
+        assert "SIGTERM" in t.user_attrs["fail_reason"]
+        (retry,) = [r for r in trials if r.system_attrs.get("failed_trial") == t.number]
+        assert retry.state == TrialState.WAITING and retry.params == t.params
