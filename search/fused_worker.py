@@ -80,7 +80,7 @@ def run_fused_round(
             for trial in trials:
                 try:
                     jobs.append(objective.prepare(trial))
-                except TrialFailed as e:
+                except Exception as e:  # an invalid config: failed as a plain worker fails it
                     _run_trial(study, trial, objective, summary, run=_given(e), started=started)
                     told.add(trial.number)
             for group in group_jobs(jobs):

@@ -14,7 +14,13 @@ import torch
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from tests.conftest import CliProcesses
+from model.config import config_from_dict
+from model.trainer import EpochReport
+from search.definition import Param
+from search.fused_worker import train_group
+from search.objective import TrialObjective, TrialOutcome
+from tests.conftest import CliProcesses, tiny_config_dict
+from tests.search.constructed_studies import make_definition, new_study, sqlite_storage
 
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed:UserWarning")
 
@@ -94,3 +100,31 @@ def test_sigterm_fails_and_requeues_every_member(cli: CliProcesses, tiny_study: 
         assert "SIGTERM" in t.user_attrs["fail_reason"]
         (retry,) = [r for r in trials if r.system_attrs.get("failed_trial") == t.number]
         assert retry.state == TrialState.WAITING and retry.params == t.params
+
+
+class OutOfMemoryOnce:
+    """An epoch callback that runs out of memory the first time it is called, as a GPU would
+    for a group too large for it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, report: EpochReport) -> str | None:
+        self.calls += 1
+        if self.calls == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (raised by the test)")
+        return None
+
+
+def test_a_group_out_of_memory_is_split_not_failed(cache: Path, tmp_path: Path) -> None:
+    base = config_from_dict(tiny_config_dict(1), "tiny")
+    definition = make_definition(base=base, space={"loss.beta_kl": Param("float", 0.001, 1.0, log=True)})
+    study = new_study(definition, sqlite_storage(tmp_path)[1])
+    oom = OutOfMemoryOnce()
+    objective = TrialObjective(definition, artifact_dir=tmp_path / "artifacts", extra_callbacks=(oom,))
+    jobs = [objective.prepare(study.ask()) for _ in range(3)]
+    outcomes = train_group(objective, jobs)
+    assert all(isinstance(o, TrialOutcome) for o in outcomes), outcomes
+    # The group of three ran out of memory; its halves, two and one, trained through.
+    assert [o.user_attrs["runtime"]["fused_group"] for o in outcomes] == [2, 2, 1]  # type: ignore[union-attr]
+    assert oom.calls == 1 + 2 + 1
