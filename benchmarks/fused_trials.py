@@ -3,6 +3,7 @@ after another, measured in the same run.
 
     python -m benchmarks.fused_trials                          # CPU size, K = 1 2 4
     python -m benchmarks.fused_trials --size production --k 1 2 4 8 [--compile] [--json out.json]
+    python -m benchmarks.fused_trials --grouping --k 2 4 8       # how full the groups are
 
 Each member differs in what a member owns (``loss.beta_kl``, ``loss.free_bits``, ``train.lr``,
 ``train.seed``). Samples/s are training samples of all members per second of training, the
@@ -15,20 +16,27 @@ K's first trial alone, the one-trial-per-GPU rate the 2.5x target is set against
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
+import warnings
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import optuna
 import torch
 
 from benchmarks.common import production_config, table, write_json
+from benchmarks.search_efficiency import CACHE_PATH, CachedPoint, Surrogate, efficiency_definition
 from model.config import Config, config_from_dict, with_overrides
 from model.data import Dataset, load_data
-from model.fused import train_fused
+from model.fused import architecture_key, train_fused
 from model.trainer import TrainResult, train
+from search.objective import suggest_space
+from search.samplers import make_sampler
 
-__all__ = ["member_configs", "run"]
+__all__ = ["grouping", "member_configs", "run"]
 
 COLUMNS = ["k", "mode", "samples_per_s", "trials_per_h", "vs_sequential", "vs_one_trial"]
 
@@ -113,6 +121,52 @@ def _aggregate_fused(results: Sequence[TrainResult], samples: int) -> float:
     return len(results) * samples * (results[0].epochs_run - 1) / _timed_seconds(results[0], samples)
 
 
+def grouping(ks: Sequence[int], budget: int, seeds: int) -> list[dict[str, Any]]:
+    """How full ``worker --fuse K``'s groups are under TPE with the constant liar.
+
+    On ``studies/tiny.yaml``'s space (its architecture: ``model.encoder_pool`` x ``model.output``),
+    answered by benchmark 6's cached surrogate (each proposal gets the measured result of the
+    nearest point trained for real): one fused worker asks K trials, all running while it asks
+    (the constant liar sees them), groups them by :func:`model.fused.architecture_key`, and tells
+    each its surrogate result, until ``budget`` trials, for each seed.
+    """
+    definition = efficiency_definition()
+    # The points, not load_cache: its digest check also covers fields added to the definition
+    # since the cache was built; the space the points were drawn from is checked instead.
+    data = json.loads(CACHE_PATH.read_text())
+    points = [CachedPoint(**p) for p in data["points"]]
+    assert all(p.params.keys() == definition.space.keys() for p in points), "the cache's space changed"
+    surrogate = Surrogate(definition.space, points)
+    spec = definition.sampler
+    rows = []
+    for k in ks:
+        sizes: list[int] = []
+        for seed in range(seeds):
+            sampler = make_sampler(spec.name, 1000 * seed, spec.options)
+            study = optuna.create_study(directions=definition.directions, sampler=sampler)
+            while len(study.trials) < budget:
+                trials = [study.ask() for _ in range(min(k, budget - len(study.trials)))]
+                params = [suggest_space(t, definition.space) for t in trials]
+                sizes += Counter(architecture_key(definition.config_for(p)) for p in params).values()
+                for trial, p in zip(trials, params, strict=True):
+                    point = surrogate.nearest(p)
+                    if point.state == "COMPLETE" and point.values is not None:
+                        for key, value in point.constraints.items():
+                            trial.set_constraint(key, value)
+                        study.tell(trial, point.values)
+                    else:
+                        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        rows.append(
+            {
+                "k": k,
+                "groups": len(sizes),
+                "trials_per_group": sum(sizes) / len(sizes),
+                "in_full_groups": sum(s for s in sizes if s == k) / sum(sizes),
+            }
+        )
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["cpu", "production"], default="cpu")
@@ -120,8 +174,22 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3, help="epochs per trial, the first a warm-up (>= 2)")
     p.add_argument("--days", type=int, default=4000, help="days of the production-size data")
     p.add_argument("--compile", action="store_true", help="torch.compile the step (both modes)")
+    p.add_argument("--grouping", action="store_true", help="measure how full the groups are instead")
+    p.add_argument("--budget", type=int, default=60, help="trials per search (--grouping)")
+    p.add_argument("--seeds", type=int, default=4, help="searches per K (--grouping)")
     p.add_argument("--json", help="write the rows here too")
     args = p.parse_args()
+    if args.grouping:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        rows = grouping(args.k, args.budget, args.seeds)
+        print(
+            f"\nfused groups under TPE with the constant liar: studies/tiny.yaml's space, benchmark 6's "
+            f"surrogate, {args.budget} trials x {args.seeds} seeds per K"
+        )
+        print(table(rows, ["k", "groups", "trials_per_group", "in_full_groups"]))
+        write_json(args.json, {"grouping": rows})
+        return
     if args.epochs < 2:
         p.error("--epochs: expected >= 2 (the first is a warm-up)")
     if args.size == "production":
