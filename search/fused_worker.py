@@ -14,14 +14,22 @@ failure (failed without retry, the others go on), and its own heartbeat thread. 
 all beat from this one process, so they say that the process lives, not that a given member
 trains: a member waiting for an earlier group beats while it waits, and the process's death
 makes every member stale at once, failed and re-enqueued by the other workers as for one trial.
-SIGTERM fails every member not yet told and re-enqueues each. A group that runs out of memory
-is split in two and each half trained again; one trial out of memory fails as it would alone.
+SIGTERM fails every member not yet told and re-enqueues each.
+
+Memory: on a GPU a round asks no more trials than the free memory holds at the largest
+per-trial peak the study has measured (a fused trial's recorded peak is its group's, shared out
+by ``runtime.fused_group``), with :data:`search.worker.PEAK_MARGIN` to spare; a solo peak counts
+the device-resident data once per member, so the bound errs towards smaller groups. A group that
+still runs out of memory is split in two and each half trained again; one trial out of memory
+fails as it would alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -30,15 +38,32 @@ from pathlib import Path
 import optuna
 import torch
 from optuna.storages import BaseStorage
+from optuna.trial import TrialState
 
 from model.data import Dataset
-from model.fused import architecture_key, train_fused
+from model.fused import FUSED_GROUP, architecture_key, train_fused
 from model.trainer import TrainingDiverged, TrainResult
-from search.objective import TrainedTrial, TrialFailed, TrialJob, TrialObjective, TrialOutcome
+from search.objective import (
+    PEAK_GPU_MEMORY_ATTR,
+    RUNTIME_ATTR,
+    TrainedTrial,
+    TrialFailed,
+    TrialJob,
+    TrialObjective,
+    TrialOutcome,
+)
 from search.storage import StorageSettings, is_budget_exhausted
-from search.worker import WorkerInterrupted, WorkerSummary, _fail, _heartbeat, _run_trial, _Signals
+from search.worker import (
+    PEAK_MARGIN,
+    WorkerInterrupted,
+    WorkerSummary,
+    _fail,
+    _heartbeat,
+    _run_trial,
+    _Signals,
+)
 
-__all__ = ["group_jobs", "run_fused_round", "train_group"]
+__all__ = ["fitting_group", "group_jobs", "per_trial_peaks", "run_fused_round", "train_group"]
 
 _log = logging.getLogger(__name__)
 
@@ -49,6 +74,37 @@ def group_jobs(jobs: Sequence[TrialJob]) -> list[list[TrialJob]]:
     for job in jobs:
         groups.setdefault(architecture_key(job.cfg), []).append(job)
     return list(groups.values())
+
+
+def per_trial_peaks(study: optuna.Study) -> list[float]:
+    """Peak GPU memory per trial of each complete trial that recorded one, a fused trial's
+    group peak shared out among its members."""
+    peaks = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        runtime = t.user_attrs.get(RUNTIME_ATTR) or {}
+        peak = runtime.get(PEAK_GPU_MEMORY_ATTR)
+        if isinstance(peak, int) and peak > 0:
+            peaks.append(peak / int(runtime.get(FUSED_GROUP, 1)))
+    return peaks
+
+
+def fitting_group(k: int, peaks: Sequence[float], free_bytes: float | None) -> int:
+    """``k``, or as many members as ``free_bytes`` hold at ``PEAK_MARGIN`` times the largest of
+    ``peaks`` (at least one); ``k`` when either is unknown."""
+    if free_bytes is None or not peaks:
+        return k
+    return max(1, min(k, math.floor(free_bytes / (PEAK_MARGIN * max(peaks)))))
+
+
+def _free_gpu_bytes() -> float | None:
+    """What this process may still take on its GPU: the device's free memory, its own cached
+    blocks included, within the share ``CVAE_SEARCH_GPU_FRACTION`` caps it at."""
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    fraction = float(os.environ.get("CVAE_SEARCH_GPU_FRACTION") or 1.0)
+    return min(free + cached, fraction * 0.95 * total)
 
 
 def run_fused_round(
@@ -65,7 +121,12 @@ def run_fused_round(
     Returns:
         Whether any trial could be asked (``False``: the budget is taken for now).
     """
-    trials = _ask(study, k)
+    fits = fitting_group(k, per_trial_peaks(study), _free_gpu_bytes())
+    if fits < k:
+        _log.info(
+            "asking %d trial(s), not %d: the free GPU memory holds %d at the peak measured", fits, k, fits
+        )
+    trials = _ask(study, fits)
     if not trials:
         return False
     started = time.monotonic()

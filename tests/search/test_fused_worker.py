@@ -17,10 +17,10 @@ from optuna.trial import FrozenTrial, TrialState
 from model.config import config_from_dict
 from model.trainer import EpochReport
 from search.definition import Param
-from search.fused_worker import train_group
+from search.fused_worker import fitting_group, per_trial_peaks, train_group
 from search.objective import TrialObjective, TrialOutcome
 from tests.conftest import CliProcesses, tiny_config_dict
-from tests.search.constructed_studies import make_definition, new_study, sqlite_storage
+from tests.search.constructed_studies import add_trial, make_definition, new_study, sqlite_storage
 
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed:UserWarning")
 
@@ -128,3 +128,24 @@ def test_a_group_out_of_memory_is_split_not_failed(cache: Path, tmp_path: Path) 
     # The group of three ran out of memory; its halves, two and one, trained through.
     assert [o.user_attrs["runtime"]["fused_group"] for o in outcomes] == [2, 2, 1]  # type: ignore[union-attr]
     assert oom.calls == 1 + 2 + 1
+
+
+def test_a_round_asks_no_more_than_the_free_gpu_memory_holds(tmp_path: Path) -> None:
+    definition = make_definition()
+    study = new_study(definition, sqlite_storage(tmp_path)[1])
+    gib = 2**30
+    add_trial(study, definition, [0.5, 0.2], user_attrs={"runtime": {"peak_gpu_memory_bytes": 2 * gib}})
+    # A fused trial records its group's peak: 6 GiB for 3 members is 2 GiB each.
+    add_trial(
+        study,
+        definition,
+        [0.5, 0.2],
+        user_attrs={"runtime": {"peak_gpu_memory_bytes": 6 * gib, "fused_group": 3}},
+    )
+    add_trial(study, definition, [0.5, 0.2], user_attrs={"runtime": {"peak_gpu_memory_bytes": 1 * gib}})
+    peaks = per_trial_peaks(study)
+    assert peaks == [2 * gib, 2 * gib, 1 * gib]
+    assert fitting_group(8, peaks, 10 * gib) == 4  # 10 / (1.25 * 2)
+    assert fitting_group(8, peaks, 1 * gib) == 1  # never none
+    assert fitting_group(2, peaks, 80 * gib) == 2  # never more than asked
+    assert fitting_group(8, peaks, None) == fitting_group(8, [], 10 * gib) == 8  # unknown: as asked
