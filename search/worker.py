@@ -21,6 +21,9 @@ finished training anyway, records its result on the waiting retry of the same pa
 (``result_from_trial``) rather than throw it away; only a retry already taken up elsewhere
 makes it drop the result.
 
+With ``fuse`` K > 1 a worker asks up to K trials at a time and trains those of one architecture
+as one stacked model, each still its own trial (:mod:`search.fused_worker`).
+
 Its log names trials by number: a line when each starts (baseline or parameters) and ends
 (values, feasibility, epochs, duration), and where the study stands with an ETA.
 """
