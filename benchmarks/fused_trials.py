@@ -1,15 +1,17 @@
 """Fused trials: K trials of one architecture trained as one stacked model, against K trained one
 after another, measured in the same run.
 
-    python -m benchmarks.fused_trials                          # CPU size, K = 1 2 4
-    python -m benchmarks.fused_trials --size production --k 1 2 4 8 [--compile] [--json out.json]
+    python -m benchmarks.fused_trials [--processes]            # CPU size, K = 1 2 4
+    python -m benchmarks.fused_trials --size production --k 1 2 4 8 --processes [--compile] [--json out.json]
     python -m benchmarks.fused_trials --grouping --k 2 4 8       # how full the groups are
 
 Each member differs in what a member owns (``loss.beta_kl``, ``loss.free_bits``, ``train.lr``,
 ``train.seed``). Samples/s are training samples of all members per second of training, the
 first epoch left out (warm-up, compilation); trials per hour count each trial's whole run,
 evaluation included. The baseline is the same K configs trained alone by ``model.trainer.train``,
-one after another in this process: one trial per device. ``vs_one_trial`` is against the first
+one after another in this process: one trial per device. With ``--processes`` the same K also
+train as K processes at once (as ``worker --per-gpu K`` runs them), each timed from a common start
+after loading its data and one warm-up epoch; their samples/s add up. ``vs_one_trial`` is against the first
 K's first trial alone, the one-trial-per-GPU rate the 2.5x target is set against.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing as mp
 import time
 import warnings
 from collections import Counter
@@ -76,9 +79,10 @@ def _timed_seconds(result: TrainResult, samples: int) -> float:
     return sum(samples / h["samples_per_s"] for h in result.history[1:])
 
 
-def run(base: Config, ks: Sequence[int], data: Dataset) -> list[dict[str, Any]]:
-    """Two rows per K, its K trials one after another and the same K fused, measured back to
-    back (a shared machine's load then weighs on both alike), after one untimed warm-up run."""
+def run(base: Config, ks: Sequence[int], data: Dataset, *, processes: bool = False) -> list[dict[str, Any]]:
+    """Rows per K: its K trials one after another, the same K fused, and with ``processes`` the
+    same K as K processes at once, measured back to back (a shared machine's load then weighs on
+    all alike), after one untimed warm-up run."""
     train(member_configs(base, 1)[0], data=data)
     batch = min(base.train.batch_size, len(data.train))
     samples = len(data.train) // batch * batch  # per epoch, as the trainer drops the ragged tail
@@ -93,10 +97,14 @@ def run(base: Config, ks: Sequence[int], data: Dataset) -> list[dict[str, Any]]:
         fused = [r for r in train_fused(cfgs, data=data) if isinstance(r, TrainResult)]
         fused_total = time.perf_counter() - t0
         assert len(fused) == k, "a member diverged"
-        seq, rate = _aggregate(solo, samples), _aggregate_fused(fused, samples)
+        seq = _aggregate(solo, samples)
         if math.isnan(one):
             one = _aggregate(solo[:1], samples)
-        for mode, value, total in (("sequential", seq, seq_total), ("fused", rate, fused_total)):
+        modes = [("sequential", seq, seq_total), ("fused", _aggregate_fused(fused, samples), fused_total)]
+        if processes:
+            results, wall = _in_processes(cfgs)
+            modes.append(("processes", sum(_aggregate([r], samples) for r in results), wall))
+        for mode, value, total in modes:
             rows.append(
                 {
                     "k": k,
@@ -108,6 +116,29 @@ def run(base: Config, ks: Sequence[int], data: Dataset) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def _in_processes(cfgs: Sequence[Config]) -> tuple[list[TrainResult], float]:
+    """Each config trained in a process of its own, all started together once each has loaded
+    its data and warmed up; their results and the longest training's seconds."""
+    ctx = mp.get_context("spawn")  # CUDA cannot be forked
+    barrier, queue = ctx.Barrier(len(cfgs)), ctx.Queue()
+    procs = [ctx.Process(target=_train_in_process, args=(cfg, barrier, queue)) for cfg in cfgs]
+    for proc in procs:
+        proc.start()
+    done = [queue.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    return [r for r, _ in done], max(s for _, s in done)
+
+
+def _train_in_process(cfg: Config, barrier: Any, queue: Any) -> None:
+    data = load_data(cfg.data)
+    train(with_overrides(cfg, {"train.epochs": 1}), data=data)  # warm-up, as in the parent
+    barrier.wait()
+    t0 = time.perf_counter()
+    result = train(cfg, data=data)
+    queue.put((result, time.perf_counter() - t0))
 
 
 def _aggregate(results: Sequence[TrainResult], samples: int) -> float:
@@ -173,7 +204,8 @@ def main() -> None:
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--epochs", type=int, default=3, help="epochs per trial, the first a warm-up (>= 2)")
     p.add_argument("--days", type=int, default=4000, help="days of the production-size data")
-    p.add_argument("--compile", action="store_true", help="torch.compile the step (both modes)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the step (every mode)")
+    p.add_argument("--processes", action="store_true", help="also K processes at once, one trial each")
     p.add_argument("--grouping", action="store_true", help="measure how full the groups are instead")
     p.add_argument("--budget", type=int, default=60, help="trials per search (--grouping)")
     p.add_argument("--seeds", type=int, default=4, help="searches per K (--grouping)")
@@ -204,7 +236,7 @@ def main() -> None:
         if base.train.device == "cuda"
         else f"CPU, {torch.get_num_threads()} thread(s)"
     )
-    rows = run(base, args.k, data)
+    rows = run(base, args.k, data, processes=args.processes)
     grid = f"{base.data.synthetic.height}x{base.data.synthetic.width}"
     print(
         f"\nfused trials on {device}: {grid} grid, factor {base.data.upscale_factor}, latent "
