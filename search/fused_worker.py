@@ -10,10 +10,11 @@ as full as the sampler happens to make them (K of one architecture when it searc
 
 Each member stays its own Optuna trial: its own parameters, records, artifacts and constraints,
 its own collapse or halving stop (it is evaluated and told when its group ends), its own NaN
-failure (failed without retry, the others go on), and its own heartbeat thread. The heartbeats
-all beat from this one process, so they say that the process lives, not that a given member
-trains: a member waiting for an earlier group beats while it waits, and the process's death
-makes every member stale at once, failed and re-enqueued by the other workers as for one trial.
+failure (failed without retry, the others go on), and its own heartbeat thread, which stops
+once the member is told. The heartbeats all beat from this one process, so they say that the
+process lives, not that a given member trains: a member waiting for an earlier group beats
+while it waits, and the process's death makes every member stale at once, failed and
+re-enqueued by the other workers as for one trial.
 SIGTERM fails every member not yet told and re-enqueues each.
 
 Memory: on a GPU a round asks no more trials than the free memory holds at the largest
@@ -130,36 +131,43 @@ def run_fused_round(
     if not trials:
         return False
     started = time.monotonic()
+    # One heartbeat per trial, each stopped once its trial is told; the rest while they wait.
+    beats = {trial.number: contextlib.ExitStack() for trial in trials}
     told: set[int] = set()
+
+    def tell(trial: optuna.Trial, outcome: TrialOutcome | BaseException) -> None:
+        _run_trial(study, trial, objective, summary, run=_given(outcome), started=started)
+        told.add(trial.number)
+        beats[trial.number].close()
+
     try:
-        with contextlib.ExitStack() as beats:
-            for trial in trials:
-                beats.enter_context(_heartbeat(storage, trial, settings.heartbeat_interval))
-            if signals.stop.is_set():
-                raise WorkerInterrupted(signals.name)
-            jobs = []
-            for trial in trials:
-                try:
-                    jobs.append(objective.prepare(trial))
-                except Exception as e:  # an invalid config: failed as a plain worker fails it
-                    _run_trial(study, trial, objective, summary, run=_given(e), started=started)
-                    told.add(trial.number)
-            for group in group_jobs(jobs):
-                _log.info(
-                    "training %d trial(s) fused: %s",
-                    len(group),
-                    ", ".join(str(j.trial.number) for j in group),
-                )
-                for job, outcome in zip(group, train_group(objective, group), strict=True):
-                    _run_trial(study, job.trial, objective, summary, run=_given(outcome), started=started)
-                    told.add(job.trial.number)
+        for trial in trials:
+            beats[trial.number].enter_context(_heartbeat(storage, trial, settings.heartbeat_interval))
+        if signals.stop.is_set():
+            raise WorkerInterrupted(signals.name)
+        jobs = []
+        for trial in trials:
+            try:
+                jobs.append(objective.prepare(trial))
+            except Exception as e:  # an invalid config: failed as a plain worker fails it
+                tell(trial, e)
+        for group in group_jobs(jobs):
+            _log.info(
+                "training %d trial(s) fused: %s", len(group), ", ".join(str(j.trial.number) for j in group)
+            )
+            for job, outcome in zip(group, train_group(objective, group), strict=True):
+                tell(job.trial, outcome)
     except WorkerInterrupted as e:
         reason = f"interrupted: the worker received {e}"
         for trial in trials:
             if trial.number not in told:
+                beats[trial.number].close()
                 _fail(study, trial, reason, retry=True, seconds=time.monotonic() - started)
                 summary.failed += 1
         summary.stopped_by = str(e)
+    finally:
+        for stack in beats.values():
+            stack.close()
     return True
 
 
