@@ -21,7 +21,7 @@ import torch
 
 from model.checkpoint import save_checkpoint, versions
 from model.config import Config, save_config
-from model.cvae import CVAE
+from model.cvae import CVAE, ForwardOutput
 from model.data import Dataset, load_data
 from model.evaluate import autocast, evaluate, evaluate_validation, probe_collapse
 from model.losses import compute_losses, kl_warmup_factor
@@ -37,6 +37,7 @@ __all__ = [
     "TrainingDiverged",
     "build_model",
     "cpu_threads",
+    "loss_vector",
     "resolve_device",
     "train",
     "use_bf16",
@@ -334,18 +335,31 @@ class StepLoss(torch.nn.Module):
         fine, mask, coarse = split.fine[idx], split.mask[idx], split.coarse[idx]
         cmass = None if split.coarse_mass is None else split.coarse_mass[idx]
         out = self.model(fine, coarse, self.data.static, eps=eps)
-        terms = compute_losses(
-            out,
-            fine,
-            mask,
-            cmass,
-            cfg=self.cfg.loss,
-            normalizer=self.data.normalizer,
-            factor=self.data.factor,
-            beta=beta,
-            wet_threshold=self.cfg.eval.wet_threshold,
-        )
-        return torch.stack([getattr(terms, t).float() for t in LOSS_TERMS])
+        return loss_vector(out, fine, mask, cmass, self.cfg, self.data, beta)
+
+
+def loss_vector(
+    out: ForwardOutput,
+    fine: torch.Tensor,
+    mask: torch.Tensor,
+    cmass: torch.Tensor | None,
+    cfg: Config,
+    data: Dataset,
+    beta: torch.Tensor,
+) -> torch.Tensor:
+    """``cfg``'s loss terms for one batch's forward pass, as a [len(LOSS_TERMS)] float32 vector."""
+    terms = compute_losses(
+        out,
+        fine,
+        mask,
+        cmass,
+        cfg=cfg.loss,
+        normalizer=data.normalizer,
+        factor=data.factor,
+        beta=beta,
+        wet_threshold=cfg.eval.wet_threshold,
+    )
+    return torch.stack([getattr(terms, t).float() for t in LOSS_TERMS])
 
 
 def _compiled(fn: torch.nn.Module, device: torch.device) -> Callable[..., torch.Tensor]:

@@ -115,9 +115,17 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from search.definition import load_definition
     from search.storage import check_storage_url, open_storage, resolve_storage_url
     from search.study import load_study
-    from search.worker import measured_peaks, parse_per_gpu, plan_processes, run_worker, run_workers
+    from search.worker import (
+        measured_peaks,
+        parse_fuse,
+        parse_per_gpu,
+        plan_processes,
+        run_worker,
+        run_workers,
+    )
 
     per_gpu = parse_per_gpu(args.per_gpu)
+    fuse = parse_fuse(args.fuse)
     # A worker only reads a study: a mistyped SQLite path must not become an empty database.
     check_storage_url(resolve_storage_url(args.storage), must_exist=True)
     local = load_definition(args.study_file) if args.study_file else None
@@ -130,6 +138,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             n_trials=args.n_trials,
             worker_index=args.worker_index,
             local=local,
+            fuse=fuse,
         )
         return 0 if summary.stopped_by != "max_failures" else 1
 
@@ -149,6 +158,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     child_args = [args.study, "--artifact-dir", _artifact_dir(args.artifact_dir)]
     if args.n_trials is not None:
         child_args += ["--n-trials", str(args.n_trials)]
+    child_args += ["--fuse", str(fuse)]
     if args.study_file:
         child_args += ["--study-file", args.study_file]
     # The URL may hold a password: the processes get it in their environment, not in their
@@ -362,6 +372,13 @@ def _parser() -> argparse.ArgumentParser:
         "study's measured peak memory allows, up to 4 (default 1, or $CVAE_SEARCH_PER_GPU)",
     )
     sp.add_argument("--processes", type=int, default=1, help="worker processes when on the CPU (default 1)")
+    sp.add_argument(
+        "--fuse",
+        default=os.environ.get("CVAE_SEARCH_FUSE", "1"),
+        metavar="K",
+        help="ask up to K trials at a time and train those of one architecture as one stacked "
+        "model, each still its own trial (default 1, or $CVAE_SEARCH_FUSE)",
+    )
     sp.add_argument("--study-file", help="refuse to run if this definition differs from the stored one")
     sp.add_argument(
         "--artifact-dir", help="artifact folder (default: $CVAE_SEARCH_ARTIFACTS or ./cvae-search-artifacts)"

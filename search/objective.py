@@ -27,6 +27,7 @@ from model.checkpoint import read_checkpoint
 from model.config import Config, ConfigError, config_to_dict
 from model.data import Dataset, load_data
 from model.downstream import DOWNSTREAM_FILES, DownstreamResult, run_downstream
+from model.fused import FUSED_GROUP
 from model.trainer import EpochReport, TrainingDiverged, TrainResult, train
 from search.definition import Collapse, Param, StudyDefinition
 from search.halving import HALVED_CONSTRAINT, HalvingWatcher, halved
@@ -37,7 +38,9 @@ __all__ = [
     "PEAK_GPU_MEMORY_ATTR",
     "RUNTIME_ATTR",
     "CollapseWatcher",
+    "TrainedTrial",
     "TrialFailed",
+    "TrialJob",
     "TrialObjective",
     "TrialOutcome",
     "constraint_values",
@@ -175,6 +178,24 @@ class TrialOutcome:
         return self.values
 
 
+@dataclass
+class TrialJob:
+    """A trial asked and prepared: its config and its epoch callbacks, ready to train."""
+
+    trial: optuna.Trial
+    cfg: Config
+    callbacks: list[Callable[[EpochReport], str | None]]
+
+
+@dataclass
+class TrainedTrial:
+    """A trained trial's result, its metrics (downstream gains included) and user attributes."""
+
+    result: TrainResult
+    metrics: dict[str, float]
+    user_attrs: dict[str, Any]
+
+
 class TrialObjective:
     """Runs one trial end to end; a worker keeps one for all its trials (data stay cached).
 
@@ -199,7 +220,7 @@ class TrialObjective:
         self.definition = definition
         self.artifact_store = FileSystemArtifactStore(str(artifact_dir))
         Path(artifact_dir).mkdir(parents=True, exist_ok=True)
-        self._interruptible = interruptible
+        self.interruptible = interruptible
         self._extra_callbacks = extra_callbacks
         self._on_start = on_start
         self._data_key: str | None = None
@@ -213,6 +234,25 @@ class TrialObjective:
 
     def run(self, trial: optuna.Trial) -> TrialOutcome:
         """Suggest, train and evaluate; what to record and tell, not yet written."""
+        job = self.prepare(trial)
+        with tempfile.TemporaryDirectory(prefix=f"trial-{trial.number}-") as tmp:
+            self.interruptible(True)
+            try:
+                data = self.dataset(job.cfg)
+                result = train(job.cfg, out_dir=tmp, callbacks=job.callbacks, data=data)
+                trained = self.trained(job, result, Path(tmp), data)
+            except TrainingDiverged as e:
+                raise TrialFailed(f"diverged: {e}", retry=False) from e
+            finally:
+                self.interruptible(False)
+            return self.outcome(job, trained, Path(tmp))
+
+    def prepare(self, trial: optuna.Trial) -> TrialJob:
+        """Suggest the trial's parameters; its config and epoch callbacks.
+
+        Raises:
+            TrialFailed: The parameters make no valid config.
+        """
         params = suggest_space(trial, self.definition.space)
         baseline = trial.user_attrs.get(BASELINE_ATTR)
         try:
@@ -227,32 +267,33 @@ class TrialObjective:
             callbacks.append(HalvingWatcher(self.definition, trial))
         if self.definition.downstream_metrics:  # SRDRN trains from the checkpoint
             cfg = replace(cfg, train=replace(cfg.train, save_checkpoint=True))
-        with tempfile.TemporaryDirectory(prefix=f"trial-{trial.number}-") as tmp:
-            self._interruptible(True)
-            try:
-                data = self._dataset(cfg)
-                result = train(cfg, out_dir=tmp, callbacks=callbacks, data=data)
-                user_attrs = self.attrs(trial, result)
-                metrics = dict(result.metrics)
-                if self.definition.downstream_metrics:
-                    downstream = self._downstream(trial, Path(tmp), data)
-                    metrics |= downstream.gains()
-                    user_attrs[DOWNSTREAM_ATTR] = json_safe(downstream.summary())
-            except TrainingDiverged as e:
-                raise TrialFailed(f"diverged: {e}", retry=False) from e
-            finally:
-                self._interruptible(False)
-            constraints = constraint_values(self.definition, metrics, result.stopped)
-            system_attrs = {f"{_CONSTRAINTS_KEY}:{key}": value for key, value in constraints.items()}
-            system_attrs.update(self._upload(trial, Path(tmp)))
+        return TrialJob(trial, cfg, callbacks)
+
+    def trained(self, job: TrialJob, result: TrainResult, out: Path, data: Dataset) -> TrainedTrial:
+        """The trained trial's attributes and metrics, with SRDRN trained on it where the
+        study asks for downstream metrics (still interruptible)."""
+        user_attrs = self.attrs(job.trial, result)
+        metrics = dict(result.metrics)
+        if self.definition.downstream_metrics:
+            downstream = self._downstream(job.trial, out, data)
+            metrics |= downstream.gains()
+            user_attrs[DOWNSTREAM_ATTR] = json_safe(downstream.summary())
+        return TrainedTrial(result, metrics, user_attrs)
+
+    def outcome(self, job: TrialJob, trained: TrainedTrial, out: Path) -> TrialOutcome:
+        """Constraints and the uploaded files of a trained trial: what to record and tell."""
+        result = trained.result
+        constraints = constraint_values(self.definition, trained.metrics, result.stopped)
+        system_attrs = {f"{_CONSTRAINTS_KEY}:{key}": value for key, value in constraints.items()}
+        system_attrs.update(self._upload(job.trial, out))
         return TrialOutcome(
-            values=[metrics.get(o.metric, math.nan) for o in self.definition.objectives],
-            user_attrs=user_attrs,
+            values=[trained.metrics.get(o.metric, math.nan) for o in self.definition.objectives],
+            user_attrs=trained.user_attrs,
             system_attrs=system_attrs,
             constraints=constraints,
             stopped=result.stopped,
             epochs_run=result.epochs_run,
-            epochs=cfg.train.epochs,
+            epochs=job.cfg.train.epochs,
         )
 
     def _downstream(self, trial: optuna.Trial, out: Path, data: Dataset) -> DownstreamResult:
@@ -261,7 +302,8 @@ class TrialObjective:
         source = f"study {self.definition.name} trial {trial.number}"
         return run_downstream(ckpt.model, ckpt.config, data, source=source, out_dir=out)
 
-    def _dataset(self, cfg: Config) -> Dataset:
+    def dataset(self, cfg: Config) -> Dataset:
+        """The dataset of ``cfg``, loaded once for all the trials that share it."""
         key = json.dumps(
             [config_to_dict(cfg)["data"], cfg.normalization and asdict(cfg.normalization)], sort_keys=True
         )
@@ -293,6 +335,8 @@ class TrialObjective:
         }
         if result.peak_gpu_memory_bytes is not None:
             attrs[RUNTIME_ATTR][PEAK_GPU_MEMORY_ATTR] = result.peak_gpu_memory_bytes
+        if FUSED_GROUP in result.extra:  # trained in a stack of this many: its timings are the group's
+            attrs[RUNTIME_ATTR][FUSED_GROUP] = result.extra[FUSED_GROUP]
         if "fail_reason" in trial.user_attrs:  # inherited from the failed attempt this retries
             attrs["fail_reason"] = None
         return {key: json_safe(value) for key, value in attrs.items()}

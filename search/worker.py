@@ -21,6 +21,9 @@ finished training anyway, records its result on the waiting retry of the same pa
 (``result_from_trial``) rather than throw it away; only a retry already taken up elsewhere
 makes it drop the result.
 
+With ``fuse`` K > 1 a worker asks up to K trials at a time and trains those of one architecture
+as one stacked model, each still its own trial (:mod:`search.fused_worker`).
+
 Its log names trials by number: a line when each starts (baseline or parameters) and ends
 (values, feasibility, epochs, duration), and where the study stands with an ETA.
 """
@@ -85,6 +88,7 @@ __all__ = [
     "choose_per_gpu",
     "measured_peaks",
     "mps_running",
+    "parse_fuse",
     "parse_per_gpu",
     "plan_processes",
     "run_worker",
@@ -295,6 +299,7 @@ def run_worker(
     worker_index: int = 0,
     local: StudyDefinition | None = None,
     settings: StorageSettings | None = None,
+    fuse: int = 1,
 ) -> WorkerSummary:
     """Pull and run trials of ``study_name`` in this process until the budget is finished.
 
@@ -308,6 +313,8 @@ def run_worker(
         local: A definition read from a local file; the worker refuses to run if it differs
             from the stored one.
         settings: Heartbeat and connection settings.
+        fuse: Ask up to this many trials at a time and train those of one architecture as one
+            stacked model (see :mod:`search.fused_worker`).
 
     Raises:
         StorageUnreachable: The storage stayed unreachable past ``CVAE_SEARCH_RECONNECT``;
@@ -348,6 +355,17 @@ def run_worker(
             )
             summary.stopped_by = "max_failures"
             break
+        if fuse > 1:
+            from search.fused_worker import run_fused_round  # it builds on this module
+
+            left = fuse if n_trials is None else min(fuse, n_trials - summary.completed - summary.failed)
+            if not run_fused_round(study, storage, objective, settings, signals, summary, left):
+                signals.stop.wait(settings.heartbeat_interval)  # budget taken, as below
+                continue
+            if summary.stopped_by is not None:
+                break
+            _log.info("%s", progress_line(study.get_trials(deepcopy=False), definition.n_trials))
+            continue
         try:
             trial = study.ask()
         except Exception as e:
@@ -425,13 +443,19 @@ def _apply_process_limits() -> None:
 
 
 def _run_trial(
-    study: optuna.Study, trial: optuna.Trial, objective: TrialObjective, summary: WorkerSummary
+    study: optuna.Study,
+    trial: optuna.Trial,
+    objective: TrialObjective,
+    summary: WorkerSummary,
+    run: Callable[[], TrialOutcome] | None = None,
+    started: float | None = None,
 ) -> None:
-    started = time.monotonic()
+    """Run ``trial`` (or take its outcome from ``run``), record it and tell it, or fail it."""
+    started = time.monotonic() if started is None else started
     metric_names = objective.definition.metric_names
     outcome: TrialOutcome | None = None
     try:
-        outcome = objective.run(trial)
+        outcome = objective.run(trial) if run is None else run()
         record_trial_attrs(study._storage, trial._trial_id, outcome.user_attrs, outcome.system_attrs)
         values = outcome.checked_values(metric_names)
     except TrialFailed as e:
@@ -503,6 +527,17 @@ def parse_per_gpu(value: str) -> PerGpu:
         raise ValueError(
             f"--per-gpu (or $CVAE_SEARCH_PER_GPU): expected auto or a whole number >= 1, got {value!r}"
         )
+    return k
+
+
+def parse_fuse(value: str) -> int:
+    """A whole number >= 1."""
+    try:
+        k = int(value)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise ValueError(f"--fuse (or $CVAE_SEARCH_FUSE): expected a whole number >= 1, got {value!r}")
     return k
 
 

@@ -173,10 +173,11 @@ def test_compose_config_resolves(tmp_path: Path) -> None:
 
 
 def test_compose_variables_override_defaults(tmp_path: Path) -> None:
-    cfg = _resolved(_env_file(tmp_path, WORKER_GPUS="0,1", PER_GPU="3", DASHBOARD_PORT="9001"))
+    cfg = _resolved(_env_file(tmp_path, WORKER_GPUS="0,1", PER_GPU="3", FUSE="4", DASHBOARD_PORT="9001"))
     command = cfg["services"]["workers"]["command"]
     assert command[-4:] == ["--gpus", "0,1", "--per-gpu", "3"]
     assert cfg["services"]["workers"]["environment"]["CVAE_SEARCH_PER_GPU"] == "3"
+    assert cfg["services"]["workers"]["environment"]["CVAE_SEARCH_FUSE"] == "4"
     assert cfg["services"]["dashboard"]["ports"] == ["127.0.0.1:9001:9001/tcp"]
 
 
