@@ -61,6 +61,10 @@ def base_config(steps: int, seeds: Sequence[int]) -> Config:
         "downstream.steps": steps,
         "downstream.seeds": list(seeds),
         "downstream.batch_size": 32,
+        "downstream.lr": 1e-3,
+        # Every 40 steps: SRDRN overfits 150 days within a few hundred steps, and the checks
+        # must see where, or both arms are scored at the first check.
+        "downstream.val_checks": 20,
     }
     return with_overrides(load_config(REPO / "configs" / "v4.yaml"), overrides, "benchmarks/downstream.py")
 
