@@ -292,7 +292,14 @@ class StudyDefinition:
         return params
 
 
-_LATER_FIELDS = ("data.missing_predictors", "train.threads", "downstream")
+_LATER_FIELDS = (
+    "data.missing_predictors",
+    "data.synthetic.storm_days",
+    "data.synthetic.storm_intensity",
+    "data.synthetic.storm_radius",
+    "train.threads",
+    "downstream",
+)
 """Config fields added after studies were first stored: at their default they are left out of
 the stored definition, so those studies (and caches keyed by their digest) keep their digest."""
 
