@@ -166,6 +166,18 @@ def cli(search_env: dict[str, str], tmp_path: Path) -> Iterator[CliProcesses]:
         processes.close()
 
 
+TINY_DOWNSTREAM = {
+    "downstream.channels": 4,
+    "downstream.n_res_blocks": 1,
+    "downstream.steps": 8,
+    "downstream.val_checks": 2,
+    "downstream.seeds": [0, 1],
+    "downstream.n_generated": 1,
+    "downstream.batch_size": 8,
+}
+"""Dotted overrides for an SRDRN comparison of a few seconds (two seeds, 8 steps an arm)."""
+
+
 def tiny_config_dict(epochs: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """About a second of training on the CPU (a 16x16 synthetic grid, factor 4)."""
     cfg: dict[str, Any] = {

@@ -9,18 +9,9 @@ from pathlib import Path
 import optuna
 
 from model.config import load_config
-from tests.conftest import CliProcesses
+from tests.conftest import TINY_DOWNSTREAM, CliProcesses
 
 LOOSE_MASS = [{"metric": "mass_bias", "abs": True, "max": 10.0}]
-TINY_DOWNSTREAM = {
-    "downstream.channels": 4,
-    "downstream.n_res_blocks": 1,
-    "downstream.steps": 6,
-    "downstream.val_checks": 2,
-    "downstream.seeds": [0, 1],
-    "downstream.n_generated": 1,
-    "downstream.batch_size": 8,
-}
 
 
 def _demo(cli: CliProcesses, study_file: Path, out: Path) -> tuple[int, str]:

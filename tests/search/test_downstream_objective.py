@@ -12,17 +12,8 @@ from model.config import ConfigError
 from search.definition import StudyDefinition, load_definition
 from search.objective import TrialObjective
 from search.study import DOWNSTREAM_ATTR
+from tests.conftest import TINY_DOWNSTREAM
 from tests.search.constructed_studies import new_study, sqlite_storage
-
-TINY_DOWNSTREAM = {
-    "downstream.channels": 4,
-    "downstream.n_res_blocks": 1,
-    "downstream.steps": 8,
-    "downstream.val_checks": 2,
-    "downstream.seeds": [0, 1],
-    "downstream.n_generated": 1,
-    "downstream.batch_size": 8,
-}
 
 
 @pytest.fixture(scope="module")

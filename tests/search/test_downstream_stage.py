@@ -30,7 +30,7 @@ from search.downstream_stage import (
 )
 from search.storage import open_storage
 from search.study import stored_definition
-from tests.conftest import CliProcesses, tiny_config_dict
+from tests.conftest import TINY_DOWNSTREAM, CliProcesses, tiny_config_dict
 from tests.search.constructed_studies import (
     add_trial,
     make_definition,
@@ -173,16 +173,6 @@ def test_the_stage_takes_the_front_in_knee_order_then_the_baselines(tmp_path: Pa
 
 
 # --- end to end, with SRDRN ------------------------------------------------------------------------
-
-TINY_DOWNSTREAM = {
-    "downstream.channels": 4,
-    "downstream.n_res_blocks": 1,
-    "downstream.steps": 10,
-    "downstream.seeds": [0, 1],
-    "downstream.val_checks": 2,
-    "downstream.batch_size": 8,
-    "downstream.n_generated": 1,
-}
 
 
 def _lines_with(text: str, phrase: str) -> list[int]:
