@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from benchmarks.common import table, write_json
@@ -34,6 +35,7 @@ from model.checkpoint import read_checkpoint
 from model.config import Config, get_field, load_config, read_yaml, with_overrides
 from model.data import load_data
 from model.downstream import DownstreamResult, run_downstream
+from model.downstream_metrics import verdict
 from model.srdrn import predict, train_srdrn
 from model.trainer import resolve_device, train, use_bf16
 
@@ -82,27 +84,25 @@ def cvae_setting(base: Config, source: Config) -> Config:
 
 
 def _rows(name: str, loss: str, result: DownstreamResult) -> list[dict[str, Any]]:
-    gains = result.verdicts()
+    per_seed = result.gains_per_seed()
     rows = []
-    heads = result.settings["heads"] or [""]
-    for head in heads:
+    for head in result.settings["heads"] or [""]:
         if head == "q50":  # the median of a cell dry most days is 0: its skill says little
             continue
         for metric in REPORTED:
             key = f"{head}_{metric}" if head else metric
-            without, with_ = result.scores["without"][key], result.scores["with"][key]
-            per_seed = result._gains_per_seed()[key]
+            v = verdict(per_seed[key])
             rows.append(
                 {
                     "cvae": name,
                     "loss": loss,
                     "head": head or "-",
                     "metric": metric,
-                    "without": sum(without) / len(without),
-                    "with": sum(with_) / len(with_),
-                    "gain": sum(per_seed) / len(per_seed),
-                    "spread": float(torch.tensor(per_seed).std()) if len(per_seed) > 1 else 0.0,
-                    "verdict": gains[f"downstream_{key}_gain"],
+                    "without": float(np.mean(result.scores["without"][key])),
+                    "with": float(np.mean(result.scores["with"][key])),
+                    "gain": v.mean,
+                    "spread": v.spread,
+                    "verdict": v.verdict,
                 }
             )
     return rows

@@ -86,7 +86,8 @@ class DownstreamResult:
                 return key[len(head) + 1 :]
         return key
 
-    def _gains_per_seed(self) -> dict[str, list[float]]:
+    def gains_per_seed(self) -> dict[str, list[float]]:
+        """Score key -> the gain of each seed (with against without), signed so positive is better."""
         defs = score_definitions(list(self.settings["thresholds"]))
         return {
             key: [
@@ -99,20 +100,19 @@ class DownstreamResult:
     def gains(self) -> dict[str, float]:
         """``downstream_<key>_gain``: the mean gain over seeds; positive means augmentation helped."""
         return {
-            f"downstream_{key}_gain": float(np.mean(values)) for key, values in self._gains_per_seed().items()
+            f"downstream_{key}_gain": float(np.mean(values)) for key, values in self.gains_per_seed().items()
         }
 
     def verdicts(self) -> dict[str, str]:
         """The same keys as :meth:`gains`: ``better``, ``worse`` or ``within noise``."""
         return {
-            f"downstream_{key}_gain": verdict(values).verdict
-            for key, values in self._gains_per_seed().items()
+            f"downstream_{key}_gain": verdict(values).verdict for key, values in self.gains_per_seed().items()
         }
 
     def table(self) -> str:
         """The comparison table, under a line saying what both arms trained on."""
         rows = []
-        for key, per_seed in self._gains_per_seed().items():
+        for key, per_seed in self.gains_per_seed().items():
             v = verdict(per_seed)
             rows.append(
                 (
@@ -189,7 +189,7 @@ def comparison_table(results: dict[str, DownstreamResult]) -> str:
     labels = list(results)
     head = ["metric", "no augmentation"] + [f"{lab}: with, gain ± spread, verdict" for lab in labels]
     rows = [head]
-    per_seed = {label: r._gains_per_seed() for label, r in results.items()}
+    per_seed = {label: r.gains_per_seed() for label, r in results.items()}
     for key, without in first.scores["without"].items():
         row = [key, f"{np.mean(without):.4g}"]
         for label, result in results.items():
