@@ -14,6 +14,7 @@ from model.downstream import (
     DOWNSTREAM_FILES,
     DownstreamResult,
     augmented_days,
+    comparison_table,
     downstream_for_checkpoint,
     downstream_metric_names,
     generate_pairs,
@@ -133,3 +134,21 @@ def test_a_checkpoint_is_evaluated_on_the_data_its_config_names(tmp_path: Path, 
     assert result.settings["steps_per_arm"] == 5
     assert result.source == str(trained.checkpoint.resolve())
     assert result.settings["train_days"] == len(load_data(cfg.data).train)
+
+
+def test_the_comparison_puts_several_cvaes_beside_their_one_unaugmented_arm(
+    data: Dataset, cvae: CVAE
+) -> None:
+    result = run_downstream(cvae, tiny_config(), data, source="test")
+    doubled = DownstreamResult.from_dict(json.loads(json.dumps(result.to_dict())) | {"source": "other"})
+    doubled.scores["with"] = {k: [2 * v for v in vs] for k, vs in result.scores["with"].items()}
+    table = comparison_table({"a": result, "b": doubled})
+    header = table.splitlines()[1]
+    assert header.split()[:3] == ["metric", "no", "augmentation"]
+    assert "a: with, gain ± spread, verdict" in header and "b: with, gain ± spread, verdict" in header
+    rmse = next(line for line in table.splitlines() if line.startswith("rmse "))
+    assert f"{sum(doubled.scores['with']['rmse']) / 2:.4g}," in rmse
+    other = DownstreamResult.from_dict(json.loads(json.dumps(result.to_dict())))
+    other.scores["without"]["rmse"] = [v + 1 for v in other.scores["without"]["rmse"]]
+    with pytest.raises(ValueError, match="b: its unaugmented arm differs"):
+        comparison_table({"a": result, "b": other})
